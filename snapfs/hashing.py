@@ -31,7 +31,7 @@ def digest_bytes(data: bytes | bytearray | memoryview) -> bytes:
     return blake3.blake3(data).digest()
 
 
-def new_hasher() -> "blake3.blake3":
+def new_hasher() -> blake3.blake3:
     """An incremental hasher with ``update()`` and ``hexdigest()``."""
     return blake3.blake3()
 

@@ -27,7 +27,9 @@ class LocalStore(Store):
             try:
                 os.makedirs(self.root, exist_ok=True)
             except OSError as exc:
-                raise StoreUnavailableError(f"cannot create store directory {self.root}: {exc.strerror}") from exc
+                raise StoreUnavailableError(
+                    f"cannot create store directory {self.root}: {exc.strerror}"
+                ) from exc
         elif not os.path.isdir(self.root):
             raise StoreUnavailableError(f"store directory {self.root} does not exist")
 

@@ -1,0 +1,336 @@
+"""Canonical encodings of trees, chunk lists and records (pure, no I/O).
+
+docs/FORMAT.md is the specification; this module is its reference
+implementation. Every decoder validates everything it reads and raises
+FormatError for any input that is not the one canonical encoding a correct
+encoder would produce, so hostile store content ends in a clean error, never a
+crash, a hang or a path outside the snapshot.
+
+Integers are big-endian. Object IDs travel as lowercase hex strings in Python
+and as 32 raw bytes on the wire.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from .errors import FormatError
+from .hashing import DIGEST_LEN, hash_bytes
+
+FORMAT_VERSION = 1
+
+TREE_MAGIC = b"SNAPTREE"
+CHUNKLIST_MAGIC = b"SNAPLIST"
+
+KIND_FILE = "f"
+KIND_DIR = "d"
+KIND_SYMLINK = "l"
+_KINDS = {ord(KIND_FILE): KIND_FILE, ord(KIND_DIR): KIND_DIR, ord(KIND_SYMLINK): KIND_SYMLINK}
+
+FLAG_EXEC = 0x01
+
+# Limits that keep hostile input bounded. Chosen above anything a real
+# filesystem produces (NAME_MAX 255, PATH_MAX 4096).
+MAX_NAME_LEN = 255
+MAX_TARGET_LEN = 4095
+MAX_ENTRIES = 1 << 24
+MAX_CHUNK_SIZE = 4 << 20
+MAX_FILE_SIZE = 1 << 50  # 1 PiB
+MAX_DEPTH = 1024
+# A file with more chunks than this keeps its chunk list in a separate object,
+# so that listing a directory never drags in megabytes of chunk IDs.
+INLINE_MAX_CHUNKS = 1024
+MAX_CHUNKLIST = (MAX_FILE_SIZE // (256 << 10)) + 1
+
+_TREE_HEADER = struct.Struct(">8sBI")
+_ENTRY_HEAD = struct.Struct(">BBH")
+_U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+_U16 = struct.Struct(">H")
+_CHUNK = struct.Struct(">32sI")
+
+ChunkRef = tuple[str, int]  # (chunk_id, length)
+
+
+def validate_name(name: bytes) -> None:
+    """Raise FormatError unless ``name`` is a safe single path component."""
+    if not isinstance(name, bytes):
+        raise FormatError(f"entry name must be bytes, not {type(name).__name__}")
+    if not name:
+        raise FormatError("empty entry name")
+    if len(name) > MAX_NAME_LEN:
+        raise FormatError(f"entry name longer than {MAX_NAME_LEN} bytes: {display_name(name[:40])}...")
+    if name in (b".", b".."):
+        raise FormatError(f"entry name {name.decode()!r} is not allowed")
+    if b"/" in name or b"\x00" in name:
+        raise FormatError(f"entry name contains '/' or NUL: {display_name(name)}")
+
+
+def display_name(name: bytes) -> str:
+    """A printable, unambiguous form of a raw name for messages and listings."""
+    return (
+        name.decode("utf-8", "backslashreplace")
+        .encode("unicode_escape")
+        .decode("ascii")
+        .replace("\\\\x", "\\x")
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One directory entry. Exactly one of chunks/chunklist_id/tree_id/target is meaningful, by kind."""
+
+    name: bytes
+    kind: str
+    size: int
+    executable: bool = False
+    chunks: tuple[ChunkRef, ...] = ()
+    chunklist_id: str | None = None
+    chunk_count: int = 0
+    tree_id: str | None = None
+    target: bytes | None = None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == KIND_DIR
+
+    @property
+    def is_file(self) -> bool:
+        return self.kind == KIND_FILE
+
+    @property
+    def is_symlink(self) -> bool:
+        return self.kind == KIND_SYMLINK
+
+    @property
+    def object_id(self) -> str | None:
+        """The ID this entry's content is addressed by, for diffs: tree, chunk list or None."""
+        return self.tree_id or self.chunklist_id
+
+
+def file_entry(
+    name: bytes, size: int, chunks: Sequence[ChunkRef], *, executable: bool
+) -> tuple[Entry, bytes | None]:
+    """Build a file entry; returns (entry, chunk-list object bytes or None)."""
+    if len(chunks) > INLINE_MAX_CHUNKS:
+        blob = encode_chunklist(chunks)
+        return (
+            Entry(name, KIND_FILE, size, executable, (), hash_bytes(blob), len(chunks)),
+            blob,
+        )
+    return Entry(name, KIND_FILE, size, executable, tuple(chunks), None, len(chunks)), None
+
+
+def dir_entry(name: bytes, tree_id: str, total_size: int) -> Entry:
+    return Entry(name, KIND_DIR, total_size, tree_id=tree_id)
+
+
+def symlink_entry(name: bytes, target: bytes) -> Entry:
+    return Entry(name, KIND_SYMLINK, len(target), target=target)
+
+
+# --- trees -----------------------------------------------------------------
+
+
+def encode_tree(entries: Iterable[Entry]) -> bytes:
+    """The canonical encoding of one directory. Entries are sorted here."""
+    ordered = sorted(entries, key=lambda e: e.name)
+    parts = [_TREE_HEADER.pack(TREE_MAGIC, FORMAT_VERSION, len(ordered))]
+    previous = None
+    for entry in ordered:
+        validate_name(entry.name)
+        if entry.name == previous:
+            raise FormatError(f"duplicate entry name {display_name(entry.name)}")
+        previous = entry.name
+        flags = FLAG_EXEC if (entry.kind == KIND_FILE and entry.executable) else 0
+        parts.append(_ENTRY_HEAD.pack(ord(entry.kind), flags, len(entry.name)))
+        parts.append(entry.name)
+        parts.append(_U64.pack(entry.size))
+        if entry.kind == KIND_FILE:
+            if entry.chunklist_id is not None:
+                parts.append(b"\x01" + bytes.fromhex(entry.chunklist_id) + _U32.pack(entry.chunk_count))
+            else:
+                parts.append(b"\x00" + _U32.pack(len(entry.chunks)))
+                parts.extend(_CHUNK.pack(bytes.fromhex(cid), length) for cid, length in entry.chunks)
+        elif entry.kind == KIND_DIR:
+            assert entry.tree_id is not None
+            parts.append(bytes.fromhex(entry.tree_id))
+        elif entry.kind == KIND_SYMLINK:
+            assert entry.target is not None
+            parts.append(_U16.pack(len(entry.target)) + entry.target)
+        else:
+            raise FormatError(f"unknown entry kind {entry.kind!r}")
+    return b"".join(parts)
+
+
+class _Reader:
+    __slots__ = ("data", "pos", "what")
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self.data = memoryview(data)
+        self.pos = 0
+        self.what = what
+
+    def take(self, n: int) -> bytes:
+        end = self.pos + n
+        if end > len(self.data):
+            raise FormatError(f"{self.what}: truncated at byte {self.pos}")
+        out = bytes(self.data[self.pos : end])
+        self.pos = end
+        return out
+
+    def unpack(self, st: struct.Struct) -> tuple:
+        end = self.pos + st.size
+        if end > len(self.data):
+            raise FormatError(f"{self.what}: truncated at byte {self.pos}")
+        out = st.unpack_from(self.data, self.pos)
+        self.pos = end
+        return out
+
+    def done(self) -> None:
+        if self.pos != len(self.data):
+            raise FormatError(f"{self.what}: {len(self.data) - self.pos} trailing bytes")
+
+
+def _check_version(magic: bytes, version: int, expected: bytes, what: str) -> None:
+    if magic != expected:
+        raise FormatError(f"{what}: not a snapfs object (bad magic)")
+    if version != FORMAT_VERSION:
+        raise FormatError(
+            f"{what}: unknown format version {version} (this snapfs reads version {FORMAT_VERSION})"
+        )
+
+
+def _read_chunks(reader: _Reader, count: int, size: int, what: str) -> tuple[ChunkRef, ...]:
+    chunks = []
+    total = 0
+    for _ in range(count):
+        digest, length = reader.unpack(_CHUNK)
+        if not 0 < length <= MAX_CHUNK_SIZE:
+            raise FormatError(f"{what}: chunk length {length} out of range")
+        total += length
+        chunks.append((digest.hex(), length))
+    if total != size:
+        raise FormatError(f"{what}: chunk sizes add up to {total}, not the file size {size}")
+    return tuple(chunks)
+
+
+def decode_tree(data: bytes, what: str = "tree") -> list[Entry]:
+    """Decode and fully validate a tree object."""
+    reader = _Reader(data, what)
+    magic, version, count = reader.unpack(_TREE_HEADER)
+    _check_version(magic, version, TREE_MAGIC, what)
+    if count > MAX_ENTRIES:
+        raise FormatError(f"{what}: {count} entries is more than the limit {MAX_ENTRIES}")
+    entries: list[Entry] = []
+    previous: bytes | None = None
+    for _ in range(count):
+        kind_byte, flags, name_len = reader.unpack(_ENTRY_HEAD)
+        kind = _KINDS.get(kind_byte)
+        if kind is None:
+            raise FormatError(f"{what}: unknown entry kind byte {kind_byte}")
+        name = reader.take(name_len)
+        validate_name(name)
+        if previous is not None and name <= previous:
+            raise FormatError(f"{what}: entries not strictly sorted or duplicated at {display_name(name)}")
+        previous = name
+        entry_what = f"{what}: entry {display_name(name)}"
+        if flags & ~FLAG_EXEC or (flags and kind != KIND_FILE):
+            raise FormatError(f"{entry_what}: invalid flags {flags:#x}")
+        (size,) = reader.unpack(_U64)
+        if kind == KIND_FILE:
+            if size > MAX_FILE_SIZE:
+                raise FormatError(f"{entry_what}: absurd file size {size}")
+            layout = reader.take(1)[0]
+            if layout == 0:
+                (n,) = reader.unpack(_U32)
+                if n > INLINE_MAX_CHUNKS:
+                    raise FormatError(f"{entry_what}: {n} inline chunks (limit {INLINE_MAX_CHUNKS})")
+                chunks = _read_chunks(reader, n, size, entry_what)
+                entries.append(Entry(name, kind, size, bool(flags), chunks, None, n))
+            elif layout == 1:
+                list_id = reader.take(DIGEST_LEN).hex()
+                (n,) = reader.unpack(_U32)
+                if not INLINE_MAX_CHUNKS < n <= MAX_CHUNKLIST or not n <= size <= n * MAX_CHUNK_SIZE:
+                    raise FormatError(f"{entry_what}: chunk count {n} does not fit size {size}")
+                entries.append(Entry(name, kind, size, bool(flags), (), list_id, n))
+            else:
+                raise FormatError(f"{entry_what}: unknown chunk layout {layout}")
+        elif kind == KIND_DIR:
+            if size > MAX_FILE_SIZE * 1024:
+                raise FormatError(f"{entry_what}: absurd directory size {size}")
+            entries.append(Entry(name, kind, size, tree_id=reader.take(DIGEST_LEN).hex()))
+        else:
+            (target_len,) = reader.unpack(_U16)
+            target = reader.take(target_len)
+            if not 0 < target_len <= MAX_TARGET_LEN or b"\x00" in target:
+                raise FormatError(f"{entry_what}: invalid symlink target")
+            if size != target_len:
+                raise FormatError(f"{entry_what}: symlink size {size} is not its target length")
+            entries.append(Entry(name, kind, size, target=target))
+    reader.done()
+    return entries
+
+
+# --- chunk lists -----------------------------------------------------------
+
+
+def encode_chunklist(chunks: Sequence[ChunkRef]) -> bytes:
+    parts = [CHUNKLIST_MAGIC, bytes([FORMAT_VERSION]), _U32.pack(len(chunks))]
+    parts.extend(_CHUNK.pack(bytes.fromhex(cid), length) for cid, length in chunks)
+    return b"".join(parts)
+
+
+def decode_chunklist(data: bytes, count: int, size: int, what: str = "chunk list") -> tuple[ChunkRef, ...]:
+    """Decode a chunk-list object and check it against the entry that points to it."""
+    reader = _Reader(data, what)
+    magic = reader.take(8)
+    version = reader.take(1)[0]
+    _check_version(magic, version, CHUNKLIST_MAGIC, what)
+    (n,) = reader.unpack(_U32)
+    if n != count:
+        raise FormatError(f"{what}: holds {n} chunks, the tree says {count}")
+    chunks = _read_chunks(reader, n, size, what)
+    reader.done()
+    return chunks
+
+
+# --- records ---------------------------------------------------------------
+
+RECORD_FORMAT = "snapfs-record/1"
+
+
+def encode_record(record: dict) -> bytes:
+    """Canonical JSON: sorted keys, no whitespace, UTF-8, no NaN."""
+    try:
+        return json.dumps(
+            record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise FormatError(f"record cannot be encoded: {exc}") from exc
+
+
+def decode_record(data: bytes, what: str = "record") -> dict:
+    try:
+        record = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise FormatError(f"{what}: not valid JSON: {exc}") from exc
+    if not isinstance(record, dict):
+        raise FormatError(f"{what}: not a JSON object")
+    if record.get("format") != RECORD_FORMAT:
+        raise FormatError(f"{what}: unknown record format {record.get('format')!r}")
+    return record
+
+
+# --- store keys ------------------------------------------------------------
+
+
+def object_key(object_id: str) -> str:
+    return f"objects/{object_id[:2]}/{object_id[2:]}"
+
+
+def record_key(record_id: str) -> str:
+    return f"records/{record_id}"

@@ -1,0 +1,198 @@
+"""Verified, typed access to a store's objects: the layer every operation uses.
+
+A Repo wraps a Store. Every object it returns has been hashed and compared
+with its ID; every tree has been fully validated by the decoder. Nothing above
+this layer ever sees unverified bytes.
+
+Store layout (docs/FORMAT.md):
+    objects/ab/cdef…     chunks, trees and chunk lists, keyed by BLAKE3
+    snapshots/<id>       a snapshot is visible once this marker exists
+    records/<id>         immutable JSON records (names, lineage, context)
+    names/<name>         create-once pointers to a record
+    snapfs.json          the store's format version
+
+Thread-safe: it holds no mutable state besides the Store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator
+
+from . import format as fmt
+from .errors import (
+    AmbiguousRefError,
+    FormatError,
+    IntegrityError,
+    NotFoundError,
+    UsageError,
+)
+from .format import ChunkRef, Entry
+from .hashing import hash_bytes, is_object_id
+from .store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_PREFIX = "snapshots/"
+STORE_CONFIG_KEY = "snapfs.json"
+MIN_PREFIX = 8
+_HEX_RE = re.compile(r"^[0-9a-f]+$")
+
+
+class Repo:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    @classmethod
+    def open(cls, url: str | None = None, *, endpoint_url: str | None = None) -> Repo:
+        return cls(open_store(url, endpoint_url=endpoint_url))
+
+    @property
+    def url(self) -> str:
+        return self.store.url
+
+    # --- raw objects -----------------------------------------------------
+
+    def get_object(self, object_id: str, what: str = "object") -> bytes:
+        """Fetch an object and check that it hashes to its ID.
+
+        A corrupt object is refetched once (it may have been a torn transfer)
+        before IntegrityError is raised.
+        """
+        key = fmt.object_key(object_id)
+        for attempt in (1, 2):
+            data = self.store.get(key)
+            actual = hash_bytes(data)
+            if actual == object_id:
+                return data
+            log.warning("%s %s from %s hashes to %s (attempt %d)", what, object_id, self.url, actual, attempt)
+        raise IntegrityError(f"{what} {object_id} in {self.url} is corrupt: its bytes hash to {actual}")
+
+    def has_object(self, object_id: str) -> bool:
+        return self.store.exists(fmt.object_key(object_id))
+
+    def put_object(self, data: bytes, object_id: str | None = None) -> bool:
+        """Upload ``data`` unless already present; True if bytes were sent."""
+        object_id = object_id or hash_bytes(data)
+        return self.store.put(fmt.object_key(object_id), data, if_absent=True)
+
+    def put_object_checked(self, data: bytes, object_id: str | None = None) -> bool:
+        """Like put_object, but a HEAD first so existing objects cost no upload."""
+        object_id = object_id or hash_bytes(data)
+        if self.store.exists(fmt.object_key(object_id)):
+            return False
+        return self.put_object(data, object_id)
+
+    # --- typed objects ---------------------------------------------------
+
+    def get_tree(self, tree_id: str, what: str = "tree") -> list[Entry]:
+        data = self.get_object(tree_id, what)
+        return fmt.decode_tree(data, f"{what} {tree_id}")
+
+    def file_chunks(self, entry: Entry) -> tuple[ChunkRef, ...]:
+        """The chunk list of a file entry, fetching its chunk-list object if it has one."""
+        if entry.chunklist_id is None:
+            return entry.chunks
+        what = f"chunk list {entry.chunklist_id}"
+        data = self.get_object(entry.chunklist_id, "chunk list")
+        return fmt.decode_chunklist(data, entry.chunk_count, entry.size, what)
+
+    def get_chunk(self, chunk_id: str, length: int | None = None) -> bytes:
+        data = self.get_object(chunk_id, "chunk")
+        if length is not None and len(data) != length:
+            raise IntegrityError(f"chunk {chunk_id} is {len(data)} bytes, the tree says {length}")
+        return data
+
+    # --- snapshots -------------------------------------------------------
+
+    def mark_snapshot(self, snapshot_id: str) -> None:
+        """Make a snapshot visible. Call only after every object it needs is stored."""
+        self.ensure_config()
+        self.store.put(SNAPSHOT_PREFIX + snapshot_id, b"", if_absent=True)
+
+    def unmark_snapshot(self, snapshot_id: str) -> None:
+        self.store.delete(SNAPSHOT_PREFIX + snapshot_id)
+
+    def snapshot_ids(self, prefix: str = "") -> Iterator[str]:
+        for info in self.store.list(SNAPSHOT_PREFIX + prefix):
+            name = info.key[len(SNAPSHOT_PREFIX) :]
+            if is_object_id(name):
+                yield name
+
+    def is_snapshot(self, snapshot_id: str) -> bool:
+        return self.store.exists(SNAPSHOT_PREFIX + snapshot_id)
+
+    def resolve(self, ref: str) -> str:
+        """Turn a REF into a snapshot ID: a full ID or a unique prefix of ≥ 8 hex digits.
+
+        Names are resolved by snapfs.records, which wraps this.
+        """
+        ref = ref.strip().lower()
+        if is_object_id(ref):
+            if self.is_snapshot(ref) or self.has_object(ref):
+                return ref
+            raise NotFoundError(f"snapshot {ref} not found in {self.url}")
+        if not _HEX_RE.match(ref):
+            raise NotFoundError(f"{ref!r} is not a snapshot ID or a known name in {self.url}")
+        if len(ref) < MIN_PREFIX:
+            raise UsageError(f"ID prefix {ref!r} is too short: give at least {MIN_PREFIX} hex digits")
+        matches = sorted(set(self.snapshot_ids(ref)))
+        if not matches:
+            raise NotFoundError(f"no snapshot matches {ref!r} in {self.url}")
+        if len(matches) > 1:
+            raise AmbiguousRefError(
+                f"ID prefix {ref!r} is ambiguous: {', '.join(m[:16] for m in matches[:5])}"
+            )
+        return matches[0]
+
+    def lookup_path(self, root_id: str, path: str | bytes) -> Entry | None:
+        """The entry at ``path`` inside a snapshot; None means the root itself."""
+        raw = path.encode("utf-8", "surrogateescape") if isinstance(path, str) else path
+        parts = [p for p in raw.split(b"/") if p and p != b"."]
+        if not parts:
+            return None
+        tree_id = root_id
+        entry: Entry | None = None
+        for depth, part in enumerate(parts):
+            if depth and (entry is None or not entry.is_dir):
+                raise NotFoundError(f"{path!r}: not a directory in snapshot {root_id[:12]}")
+            if entry is not None:
+                tree_id = entry.tree_id  # type: ignore[assignment]
+            entries = self.get_tree(tree_id)
+            entry = next((e for e in entries if e.name == part), None)
+            if entry is None:
+                raise NotFoundError(f"{path!r}: no such file or directory in snapshot {root_id[:12]}")
+        return entry
+
+    # --- store config ----------------------------------------------------
+
+    def ensure_config(self) -> None:
+        """Write snapfs.json once; refuse a store written by a newer format."""
+        try:
+            raw = self.store.get(STORE_CONFIG_KEY)
+        except NotFoundError:
+            config = {"format": fmt.FORMAT_VERSION, "created": int(time.time())}
+            self.store.put(STORE_CONFIG_KEY, json.dumps(config).encode(), if_absent=True)
+            return
+        try:
+            version = json.loads(raw).get("format")
+        except (ValueError, AttributeError) as exc:
+            raise FormatError(f"{self.url}/{STORE_CONFIG_KEY} is not valid JSON") from exc
+        if version != fmt.FORMAT_VERSION:
+            raise FormatError(
+                f"store {self.url} uses format {version}; this snapfs writes format {fmt.FORMAT_VERSION}"
+            )
+
+
+def content_id(entry: Entry) -> str | None:
+    """A stable fingerprint of an entry's content, for manifests and diffs.
+
+    Files: the chunk-list ID (the hash of the chunk list's encoding, whether or
+    not it is stored as its own object). Dirs: the tree ID. Symlinks: none.
+    """
+    if entry.is_file:
+        return entry.chunklist_id or hash_bytes(fmt.encode_chunklist(entry.chunks))
+    return entry.tree_id

@@ -1,0 +1,336 @@
+"""A Store on S3 or any S3-compatible server: ``s3://bucket/prefix``.
+
+The only module that imports boto3. It uses nothing beyond plain S3 (GET with
+Range, PUT, HEAD, DELETE, ListObjectsV2, conditional PUT), so the same code
+serves AWS S3, MinIO, Ceph RGW, Cloudflare R2 and SeaweedFS.
+
+Configuration comes from where boto3 users expect it:
+
+- endpoint: the ``endpoint_url`` argument, else boto3's own lookup
+  (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, the config file), else AWS;
+- credentials and region: boto3's standard chain (env, profile, instance role);
+- ``SNAPFS_S3_CONNECT_TIMEOUT`` (default 5 s), ``SNAPFS_S3_READ_TIMEOUT``
+  (default 30 s) and ``SNAPFS_S3_MAX_ATTEMPTS`` (default 5, including the
+  first) bound how long one call can block. A mount's worker thread cannot be
+  cancelled, so every call must end on its own.
+
+Concurrency: one boto3 client is created per store and shared by all threads
+(clients are thread-safe; sessions are not, so the session is used only in
+``__init__``). The connection pool holds enough connections for the 64-way
+concurrency of prewarm and the mount's fetchers.
+
+``put(if_absent=True)`` first asks HEAD (an existing object is never uploaded
+again), then PUTs with ``If-None-Match: *``, which the server checks
+atomically: 412 means another writer won. A server that ignores the header
+(old MinIO/Ceph releases) degrades to HEAD-then-PUT: content-addressed
+objects stay correct (both writers store the same bytes) but two racing
+creators of the same *name* could both believe they won.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from ..errors import NotFoundError, StoreUnavailableError, UsageError
+from .base import ObjectInfo, Store
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_CONNECT_TIMEOUT = 5.0
+_DEFAULT_READ_TIMEOUT = 30.0
+_DEFAULT_MAX_ATTEMPTS = 5
+# Prewarm and the mount run up to 64 requests at once; urllib3 would otherwise
+# open and drop extra connections (default pool: 10) with a warning each time.
+_MAX_POOL_CONNECTIONS = 96
+# AWS answers 409 ConditionalRequestConflict while another conditional write
+# to the same key is in flight; it resolves in milliseconds.
+_CONFLICT_RETRIES = 6
+
+_NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404"}
+_DENIED_CODES = {
+    "AccessDenied",
+    "403",
+    "Forbidden",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+}
+# Errors in the middle of a streamed body: botocore's retries cover only the
+# request up to the response headers, so get() retries these itself.
+_STREAM_ERRORS = (
+    botocore.exceptions.ResponseStreamingError,
+    botocore.exceptions.IncompleteReadError,
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.ConnectionClosedError,
+)
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _env_number(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UsageError(f"{name}={raw!r} is not a number") from None
+    if value <= 0:
+        raise UsageError(f"{name}={raw!r} must be positive")
+    return value
+
+
+def _strip_userinfo(url: str) -> str:
+    """``url`` without any ``user:password@`` part, for messages and logs."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def _error_code(exc: botocore.exceptions.ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _http_status(exc: botocore.exceptions.ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+
+
+class S3Store(Store):
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self._key_prefix = self.prefix + "/" if self.prefix else ""
+        self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+
+        custom_endpoint = (
+            endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        )
+        config = botocore.config.Config(
+            connect_timeout=_env_number("SNAPFS_S3_CONNECT_TIMEOUT", _DEFAULT_CONNECT_TIMEOUT),
+            read_timeout=_env_number("SNAPFS_S3_READ_TIMEOUT", _DEFAULT_READ_TIMEOUT),
+            retries={
+                "mode": "standard",
+                "max_attempts": int(_env_number("SNAPFS_S3_MAX_ATTEMPTS", _DEFAULT_MAX_ATTEMPTS)),
+            },
+            max_pool_connections=_MAX_POOL_CONNECTIONS,
+            tcp_keepalive=True,
+            # Objects are verified by BLAKE3 one layer up. botocore >= 1.36
+            # adds CRC checksums to every PUT by default, which several
+            # S3-compatible servers reject; ask for them only where S3 requires.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            # A self-hosted endpoint (MinIO, Ceph, SeaweedFS, a LAN hostname)
+            # rarely has wildcard DNS for bucket.host; AWS keeps its default.
+            s3={"addressing_style": "path"} if custom_endpoint else None,
+        )
+        try:
+            session = boto3.session.Session()
+            # endpoint_url=None lets boto3 apply its own lookup (env, config file).
+            self._client: Any = session.client("s3", endpoint_url=endpoint_url or None, config=config)
+        except (botocore.exceptions.BotoCoreError, ValueError) as exc:
+            raise StoreUnavailableError(f"cannot set up S3 client for {self.url}: {exc}") from exc
+        #: Where requests go, without credentials, for messages.
+        self.endpoint_url = _strip_userinfo(self._client.meta.endpoint_url)
+        self._max_attempts = int(_env_number("SNAPFS_S3_MAX_ATTEMPTS", _DEFAULT_MAX_ATTEMPTS))
+        log.debug("opened %s at %s", self.url, self.endpoint_url)
+
+    @classmethod
+    def from_url(cls, url: str, *, endpoint_url: str | None = None) -> S3Store:
+        """Open ``s3://bucket`` or ``s3://bucket/some/prefix``."""
+        if not url.startswith("s3://"):
+            raise UsageError(f"not an S3 store URL: {_strip_userinfo(url)!r} (expected s3://BUCKET/PREFIX)")
+        rest = url[len("s3://") :]
+        bucket, _, prefix = rest.partition("/")
+        if "@" in bucket:
+            # Never echo the URL: the part before '@' is probably a secret.
+            raise UsageError(
+                "credentials do not belong in an s3:// URL; use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile"
+            )
+        if not bucket:
+            raise UsageError(f"S3 store URL has no bucket: {url!r} (expected s3://BUCKET/PREFIX)")
+        if not _BUCKET_RE.match(bucket):
+            raise UsageError(f"invalid S3 bucket name {bucket!r} in {url!r}")
+        if "?" in prefix or "#" in prefix or any(part in (".", "..") for part in prefix.split("/")):
+            raise UsageError(f"invalid prefix in S3 store URL {url!r}")
+        if "//" in prefix.strip("/"):
+            raise UsageError(f"empty path component in S3 store URL {url!r}")
+        return cls(bucket, prefix, endpoint_url=endpoint_url)
+
+    # -- helpers -----------------------------------------------------------
+
+    def _object_key(self, key: str) -> str:
+        # Same rules as LocalStore, so a key valid on one backend is valid on all.
+        if not key or key.startswith("/") or any(p in ("", ".", "..") for p in key.split("/")):
+            raise UsageError(f"invalid store key {key!r}")
+        return self._key_prefix + key
+
+    def _where(self) -> str:
+        return f"{self.url} (endpoint {self.endpoint_url})"
+
+    def _translate(self, exc: Exception, key: str, action: str) -> Exception:
+        """One snapfs exception, with one line naming the key and the store, for ``exc``."""
+        if isinstance(exc, botocore.exceptions.ClientError):
+            code = _error_code(exc)
+            status = _http_status(exc)
+            if code in _NOT_FOUND_CODES:
+                return NotFoundError(f"{key}: not in store {self.url}")
+            if code == "NoSuchBucket":
+                return StoreUnavailableError(
+                    f"{key}: bucket {self.bucket!r} does not exist at {self.endpoint_url}"
+                )
+            if code in _DENIED_CODES:
+                return StoreUnavailableError(
+                    f"{key}: cannot {action} {self._where()}: access denied ({code}); check the S3 credentials"
+                )
+            message = exc.response.get("Error", {}).get("Message") or ""
+            detail = f"{code or 'HTTP ' + str(status)}" + (f": {message}" if message else "")
+            return StoreUnavailableError(f"{key}: cannot {action} {self._where()}: {detail}")
+        if isinstance(
+            exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError
+        ):
+            return StoreUnavailableError(
+                f"{key}: no usable S3 credentials for {self.url} "
+                "(set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role)"
+            )
+        if isinstance(exc, botocore.exceptions.ParamValidationError):
+            return UsageError(f"{key}: invalid S3 request for {self.url}: {exc}")
+        if isinstance(exc, botocore.exceptions.ConnectionError | botocore.exceptions.HTTPClientError):
+            return StoreUnavailableError(
+                f"{key}: cannot reach {self._where()} after {self._max_attempts} attempts: {type(exc).__name__}"
+            )
+        return StoreUnavailableError(f"{key}: cannot {action} {self._where()}: {exc}")
+
+    # -- Store interface -------------------------------------------------------
+
+    def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+        object_key = self._object_key(key)
+        if start < 0 or (length is not None and length < 0):
+            raise UsageError(f"{key}: invalid range start={start} length={length}")
+        if length == 0:
+            # An empty Range is not expressible in HTTP; still report a missing key.
+            self.stat(key)
+            return b""
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": object_key}
+        if length is not None:
+            params["Range"] = f"bytes={start}-{start + length - 1}"
+        elif start:
+            params["Range"] = f"bytes={start}-"
+        attempt = 1
+        while True:
+            try:
+                response = self._client.get_object(**params)
+                with response["Body"] as body:
+                    return body.read()
+            except botocore.exceptions.ClientError as exc:
+                if _error_code(exc) == "InvalidRange":
+                    # The range starts at or past the end: the local store
+                    # returns b"" for that, and so does this one.
+                    return b""
+                raise self._translate(exc, key, "read from") from exc
+            except _STREAM_ERRORS as exc:
+                if attempt >= self._max_attempts:
+                    raise self._translate(exc, key, "read from") from exc
+                log.warning(
+                    "%s: read from %s broke off (%s); retrying (%d/%d)",
+                    key,
+                    self.url,
+                    type(exc).__name__,
+                    attempt,
+                    self._max_attempts,
+                )
+                attempt += 1
+                time.sleep(min(0.05 * 2**attempt, 2.0))
+            except botocore.exceptions.BotoCoreError as exc:
+                raise self._translate(exc, key, "read from") from exc
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        object_key = self._object_key(key)
+        if not if_absent:
+            try:
+                self._client.put_object(Bucket=self.bucket, Key=object_key, Body=data)
+            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+                raise self._translate(exc, key, "write to") from exc
+            return True
+        # Skip the upload of an object that is already there (the common case
+        # when pushing a new version) and cover servers without If-None-Match.
+        if self.exists(key):
+            return False
+        for conflict in range(_CONFLICT_RETRIES):
+            try:
+                self._client.put_object(Bucket=self.bucket, Key=object_key, Body=data, IfNoneMatch="*")
+                return True
+            except botocore.exceptions.ClientError as exc:
+                code, status = _error_code(exc), _http_status(exc)
+                if status == 412 or code == "PreconditionFailed":
+                    return False
+                if status == 409 and code in ("ConditionalRequestConflict", "OperationAborted"):
+                    log.debug("%s: conditional write conflict on %s; retrying", key, self.url)
+                    time.sleep(0.02 * 2**conflict)
+                    continue
+                raise self._translate(exc, key, "write to") from exc
+            except botocore.exceptions.BotoCoreError as exc:
+                raise self._translate(exc, key, "write to") from exc
+        # Still contended: whoever holds the key now, it is not us.
+        if self.exists(key):
+            return False
+        raise StoreUnavailableError(
+            f"{key}: conditional write to {self._where()} kept conflicting; try again"
+        )
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.stat(key)
+        except NotFoundError:
+            return False
+        return True
+
+    def stat(self, key: str) -> ObjectInfo:
+        object_key = self._object_key(key)
+        try:
+            head = self._client.head_object(Bucket=self.bucket, Key=object_key)
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise self._translate(exc, key, "stat on") from exc
+        return ObjectInfo(key, int(head["ContentLength"]), head["LastModified"].timestamp())
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        paginator = self._client.get_paginator("list_objects_v2")
+        pages = paginator.paginate(Bucket=self.bucket, Prefix=self._key_prefix + prefix)
+        strip = len(self._key_prefix)
+        try:
+            for page in pages:
+                for entry in page.get("Contents", ()):
+                    object_key: str = entry["Key"]
+                    # Folder markers ("dir/") made by consoles and some tools are
+                    # not objects of ours, and not valid keys.
+                    if object_key.endswith("/"):
+                        continue
+                    yield ObjectInfo(
+                        object_key[strip:], int(entry["Size"]), entry["LastModified"].timestamp()
+                    )
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise self._translate(exc, prefix or "(all keys)", "list") from exc
+
+    def delete(self, key: str) -> None:
+        object_key = self._object_key(key)
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=object_key)
+        except botocore.exceptions.ClientError as exc:
+            if _error_code(exc) in _NOT_FOUND_CODES:
+                return
+            raise self._translate(exc, key, "delete from") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise self._translate(exc, key, "delete from") from exc
+
+    def close(self) -> None:
+        self._client.close()

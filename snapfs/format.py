@@ -92,6 +92,7 @@ class Entry:
     chunk_count: int = 0
     tree_id: str | None = None
     target: bytes | None = None
+    subdirs: int = 0  # dirs only: how many directories it holds (for nlink, without fetching it)
 
     @property
     def is_dir(self) -> bool:
@@ -124,8 +125,8 @@ def file_entry(
     return Entry(name, KIND_FILE, size, executable, tuple(chunks), None, len(chunks)), None
 
 
-def dir_entry(name: bytes, tree_id: str, total_size: int) -> Entry:
-    return Entry(name, KIND_DIR, total_size, tree_id=tree_id)
+def dir_entry(name: bytes, tree_id: str, total_size: int, subdirs: int) -> Entry:
+    return Entry(name, KIND_DIR, total_size, tree_id=tree_id, subdirs=subdirs)
 
 
 def symlink_entry(name: bytes, target: bytes) -> Entry:
@@ -157,7 +158,7 @@ def encode_tree(entries: Iterable[Entry]) -> bytes:
                 parts.extend(_CHUNK.pack(bytes.fromhex(cid), length) for cid, length in entry.chunks)
         elif entry.kind == KIND_DIR:
             assert entry.tree_id is not None
-            parts.append(bytes.fromhex(entry.tree_id))
+            parts.append(bytes.fromhex(entry.tree_id) + _U32.pack(entry.subdirs))
         elif entry.kind == KIND_SYMLINK:
             assert entry.target is not None
             parts.append(_U16.pack(len(entry.target)) + entry.target)
@@ -262,7 +263,11 @@ def decode_tree(data: bytes, what: str = "tree") -> list[Entry]:
         elif kind == KIND_DIR:
             if size > MAX_FILE_SIZE * 1024:
                 raise FormatError(f"{entry_what}: absurd directory size {size}")
-            entries.append(Entry(name, kind, size, tree_id=reader.take(DIGEST_LEN).hex()))
+            tree_id = reader.take(DIGEST_LEN).hex()
+            (subdirs,) = reader.unpack(_U32)
+            if subdirs > MAX_ENTRIES:
+                raise FormatError(f"{entry_what}: absurd subdirectory count {subdirs}")
+            entries.append(Entry(name, kind, size, tree_id=tree_id, subdirs=subdirs))
         else:
             (target_len,) = reader.unpack(_U16)
             target = reader.take(target_len)

@@ -166,7 +166,8 @@ def scan(
                 result.total_bytes = total
                 break
             parent = stack[-1]
-            parent[2].append(fmt.dir_entry(os.path.basename(path), tree_id, total))
+            subdirs = sum(1 for e in entries if e.is_dir)
+            parent[2].append(fmt.dir_entry(os.path.basename(path), tree_id, total, subdirs))
             parent[3] += total
     if result.skipped:
         shown = ", ".join(result.skipped[:10]) + (" ..." if len(result.skipped) > 10 else "")

@@ -1,0 +1,376 @@
+"""The node-local object cache: verified files on disk, an LMDB index, LRU eviction.
+
+Two halves:
+
+``DiskCache`` (synchronous, thread-safe, safe across processes). Objects live at
+``<cache>/objects/ab/cdef…``. An object is written as temp file → fsync →
+rename, only after its bytes were verified against its ID, and indexed only
+after the rename; so a crash leaves at worst a temp file (swept at start) or an
+unindexed but correct file, never a torn object under a real name. The daemon,
+``snapfs prewarm`` and ``snapfs cache`` each open their own DiskCache on the same
+directory.
+
+``ObjectSource`` (async, trio; one per process). Memory LRU → disk cache → store,
+with single-flight: however many readers want a missing object, it is fetched
+once. Fetches run in a nursery owned by the ObjectSource, not by the reader, so a
+reader that gives up never cancels a fetch another reader waits on. Blocking
+work runs in worker threads under its own CapacityLimiter: store fetches
+(boto3 + hashing), disk reads, disk writes + LMDB. See docs/CACHE.md for the
+list of awaits where state can change.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import trio
+
+from .errors import CacheFullError, IntegrityError, NotFoundError, SnapfsError
+from .hashing import hash_bytes
+from .index import CacheIndex
+from .repo import Repo
+
+log = logging.getLogger(__name__)
+
+_TMP_PREFIX = ".tmp-"
+# Evict down to this fraction of the limit, so eviction runs in batches.
+_LOW_WATERMARK = 0.9
+
+
+class DiskCache:
+    def __init__(self, directory: str, max_bytes: int | None = None, *, fsync: bool = True) -> None:
+        self.directory = os.path.abspath(directory)
+        self.objects_dir = os.path.join(self.directory, "objects")
+        self.max_bytes = max_bytes
+        self.fsync = fsync
+        try:
+            os.makedirs(self.objects_dir, exist_ok=True)
+        except OSError as exc:
+            raise SnapfsError(f"cannot create cache directory {self.directory}: {exc.strerror}") from exc
+        self.index = CacheIndex(os.path.join(self.directory, "index"))
+        self._evict_lock = threading.Lock()
+        self._touched: dict[str, None] = {}
+        self._touch_lock = threading.Lock()
+        self.write_failures = 0
+
+    def close(self) -> None:
+        self.flush_touches()
+        self.index.close()
+
+    def path(self, object_id: str) -> str:
+        return os.path.join(self.objects_dir, object_id[:2], object_id[2:])
+
+    def sweep_temp(self) -> int:
+        """Remove temp files left by a crash. Only files older than a minute: another
+        process may be writing right now."""
+        removed = 0
+        cutoff = time.time() - 60
+        for dirpath, _dirs, files in os.walk(self.objects_dir):
+            for name in files:
+                if name.startswith(_TMP_PREFIX):
+                    path = os.path.join(dirpath, name)
+                    try:
+                        if os.stat(path).st_mtime < cutoff:
+                            os.unlink(path)
+                            removed += 1
+                    except FileNotFoundError:
+                        pass
+        return removed
+
+    # --- reads -----------------------------------------------------------
+
+    def read(self, object_id: str) -> bytes | None:
+        """The object's bytes, or None if it is not cached."""
+        try:
+            with open(self.path(object_id), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        self.touch(object_id)
+        return data
+
+    def has(self, object_id: str) -> bool:
+        return os.path.exists(self.path(object_id))
+
+    def touch(self, object_id: str) -> None:
+        with self._touch_lock:
+            self._touched[object_id] = None
+
+    def flush_touches(self) -> None:
+        with self._touch_lock:
+            touched, self._touched = list(self._touched), {}
+        if touched:
+            self.index.touch_many(touched)
+
+    # --- writes ----------------------------------------------------------
+
+    def insert(self, object_id: str, data: bytes, *, pin: str | None = None, verified: bool = False) -> bool:
+        """Store verified bytes. Returns False (and counts a failure) if the disk
+        refused; the caller still serves the bytes it holds."""
+        if not verified and hash_bytes(data) != object_id:
+            raise IntegrityError(f"refusing to cache object {object_id}: bytes do not match")
+        path = self.path(object_id)
+        if os.path.exists(path):
+            self.index.add(object_id, len(data), pin=pin)
+            return True
+        if self.max_bytes is not None:
+            self.make_room(len(data))
+        directory = os.path.dirname(path)
+        tmp = os.path.join(directory, f"{_TMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{object_id[:16]}")
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            self.write_failures += 1
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                log.warning(
+                    "cache disk %s is full; serving object %s without caching it", self.directory, object_id
+                )
+                # Free something for the next write, if there is anything to free.
+                self.evict(max(len(data), 64 << 20))
+            else:
+                log.warning("cannot cache object %s in %s: %s", object_id, self.directory, exc.strerror)
+            return False
+        self.index.add(object_id, len(data), pin=pin)
+        return True
+
+    def make_room(self, incoming: int) -> None:
+        assert self.max_bytes is not None
+        total, pinned, _ = self.index.totals()
+        if total + incoming <= self.max_bytes:
+            return
+        if pinned + incoming > self.max_bytes:
+            raise CacheFullError(
+                f"cache {self.directory} is full of pinned objects ({pinned} of {self.max_bytes} bytes)"
+            )
+        self.evict(total + incoming - int(self.max_bytes * _LOW_WATERMARK))
+
+    def evict(self, bytes_needed: int) -> int:
+        """Delete least-recently-used unpinned objects; returns bytes freed."""
+        if bytes_needed <= 0:
+            return 0
+        with self._evict_lock:
+            self.flush_touches()
+            victims = self.index.eviction_candidates(bytes_needed)
+            for object_id, _size in victims:
+                try:
+                    os.unlink(self.path(object_id))
+                except FileNotFoundError:
+                    pass
+            freed = self.index.remove_many(oid for oid, _ in victims)
+        if freed:
+            log.info("evicted %d objects (%d bytes) from %s", len(victims), freed, self.directory)
+        return freed
+
+    def remove(self, object_ids: Iterable[str]) -> int:
+        ids = list(object_ids)
+        for object_id in ids:
+            try:
+                os.unlink(self.path(object_id))
+            except FileNotFoundError:
+                pass
+        return self.index.remove_many(ids)
+
+
+@dataclass
+class Counters:
+    """What `snapfs status` and the Prometheus endpoint report."""
+
+    memory_hits: int = 0
+    disk_hits: int = 0
+    misses: int = 0
+    fetched_bytes: int = 0
+    fetched_objects: int = 0
+    verify_failures: int = 0
+    fetch_errors: int = 0
+    cache_write_failures: int = 0
+    readahead_objects: int = 0
+    fetch_seconds: list[float] = field(default_factory=list, repr=False)
+
+
+class _Flight:
+    __slots__ = ("done", "data", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
+
+
+class ObjectSource:
+    """Async, single-flight access to verified objects (trio; one per process).
+
+    Call only from the trio thread. Use as ``async with ObjectSource(...) as source``.
+    """
+
+    def __init__(
+        self,
+        repo: Repo,
+        cache: DiskCache,
+        *,
+        fetch_concurrency: int = 32,
+        memory_bytes: int = 64 << 20,
+        on_fetch=None,
+    ) -> None:
+        self.repo = repo
+        self.cache = cache
+        self.fetch_limiter = trio.CapacityLimiter(fetch_concurrency)
+        self.disk_limiter = trio.CapacityLimiter(8)
+        self.write_limiter = trio.CapacityLimiter(4)
+        self.memory_bytes = memory_bytes
+        self._memory: OrderedDict[str, bytes] = OrderedDict()
+        self._memory_used = 0
+        self._flights: dict[str, _Flight] = {}
+        self.counters = Counters()
+        self.on_fetch = on_fetch  # callback(seconds, nbytes) for metrics
+        self._nursery: trio.Nursery | None = None
+        self._prefetch_slots = trio.Semaphore(16)
+
+    async def __aenter__(self) -> ObjectSource:
+        self._nursery_cm = trio.open_nursery()
+        self._nursery = await self._nursery_cm.__aenter__()
+        self._nursery.start_soon(self._flush_touches_forever)
+        return self
+
+    async def __aexit__(self, *exc) -> bool | None:
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+        result = await self._nursery_cm.__aexit__(*exc)
+        await trio.to_thread.run_sync(self.cache.flush_touches)
+        return result
+
+    async def _flush_touches_forever(self) -> None:
+        while True:
+            await trio.sleep(5)
+            await trio.to_thread.run_sync(self.cache.flush_touches, limiter=self.write_limiter)
+
+    # --- memory LRU (trio thread only) -----------------------------------
+
+    def _remember(self, object_id: str, data: bytes) -> None:
+        if len(data) > self.memory_bytes // 4 or object_id in self._memory:
+            return
+        self._memory[object_id] = data
+        self._memory_used += len(data)
+        while self._memory_used > self.memory_bytes:
+            _, old = self._memory.popitem(last=False)
+            self._memory_used -= len(old)
+
+    # --- the read path ---------------------------------------------------
+
+    async def get(self, object_id: str, what: str = "object", expected_size: int | None = None) -> bytes:
+        """The verified bytes of an object. Raises NotFoundError, IntegrityError or
+        StoreUnavailableError; never returns unverified bytes."""
+        data = self._memory.get(object_id)
+        if data is not None:
+            self._memory.move_to_end(object_id)
+            self.counters.memory_hits += 1
+            return data
+        flight = self._flights.get(object_id)
+        if flight is None:
+            flight = self._start(object_id, what, expected_size)
+        await flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        assert flight.data is not None
+        return flight.data
+
+    def prefetch(self, object_id: str, what: str = "object", expected_size: int | None = None) -> bool:
+        """Start fetching in the background if not cached or in flight. Bounded: returns
+        False when too many prefetches are already running."""
+        if object_id in self._memory or object_id in self._flights:
+            return True
+        try:
+            self._prefetch_slots.acquire_nowait()
+        except trio.WouldBlock:
+            return False
+        flight = self._start(object_id, what, expected_size)
+        self.counters.readahead_objects += 1
+
+        async def release_when_done() -> None:
+            try:
+                await flight.done.wait()
+            finally:
+                self._prefetch_slots.release()
+
+        assert self._nursery is not None
+        self._nursery.start_soon(release_when_done)
+        return True
+
+    def _start(self, object_id: str, what: str, expected_size: int | None) -> _Flight:
+        flight = _Flight()
+        self._flights[object_id] = flight
+        assert self._nursery is not None, "ObjectSource used outside its async context"
+        self._nursery.start_soon(self._fly, object_id, what, expected_size, flight)
+        return flight
+
+    async def _fly(self, object_id: str, what: str, expected_size: int | None, flight: _Flight) -> None:
+        try:
+            data = await trio.to_thread.run_sync(self.cache.read, object_id, limiter=self.disk_limiter)
+            if data is not None:
+                self.counters.disk_hits += 1
+            else:
+                self.counters.misses += 1
+                started = time.monotonic()
+                async with self.fetch_limiter:
+                    data = await trio.to_thread.run_sync(self.repo.get_object, object_id, what)
+                elapsed = time.monotonic() - started
+                self.counters.fetched_bytes += len(data)
+                self.counters.fetched_objects += 1
+                if self.on_fetch:
+                    self.on_fetch(elapsed, len(data))
+                assert self._nursery is not None
+                self._nursery.start_soon(self._write_back, object_id, data)
+            if expected_size is not None and len(data) != expected_size:
+                raise IntegrityError(
+                    f"{what} {object_id} is {len(data)} bytes, the tree says {expected_size}"
+                )
+            self._remember(object_id, data)
+            flight.data = data
+        except IntegrityError as exc:
+            self.counters.verify_failures += 1
+            flight.error = exc
+        except (NotFoundError, SnapfsError) as exc:
+            self.counters.fetch_errors += 1
+            flight.error = exc
+        except Exception as exc:  # a bug or an unexpected library error: still fail the reader cleanly
+            log.exception("unexpected error fetching %s %s", what, object_id)
+            self.counters.fetch_errors += 1
+            flight.error = SnapfsError(f"{what} {object_id}: {exc}")
+        finally:
+            del self._flights[object_id]
+            flight.done.set()
+
+    async def _write_back(self, object_id: str, data: bytes) -> None:
+        try:
+            ok = await trio.to_thread.run_sync(
+                lambda: self.cache.insert(object_id, data, verified=True), limiter=self.write_limiter
+            )
+        except CacheFullError as exc:
+            log.warning("%s; serving object %s without caching it", exc, object_id)
+            ok = False
+        except SnapfsError as exc:
+            log.warning("cannot cache object %s: %s", object_id, exc)
+            ok = False
+        if not ok:
+            self.counters.cache_write_failures += 1

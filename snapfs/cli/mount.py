@@ -1,0 +1,135 @@
+"""Mount commands: mount, umount, status."""
+
+from __future__ import annotations
+
+import argparse
+
+from .. import daemon
+from ..paths import default_cache_dir
+from .common import human_bytes, parse_size, print_json
+
+
+def register(subparsers, common) -> None:
+    p = subparsers.add_parser(
+        "mount",
+        parents=[common],
+        help="mount every snapshot of the store read-only at MOUNTPOINT/<id>",
+        description="Mount the store read-only. MOUNTPOINT/<id>/ appears on first access to any\n"
+        "snapshot ID; MOUNTPOINT/<name> is a symlink to its ID. Chunks are fetched only\n"
+        "when read, verified against their BLAKE3 hash before a byte is served, and kept\n"
+        "in a node-local cache shared with other mounts and with `snapfs prewarm`.",
+        epilog="examples:\n"
+        "  snapfs mount /snap --store s3://bucket/snaps\n"
+        "  cat /snap/3f2a9c01.../labels.csv\n"
+        "  snapfs mount /snap --foreground --cache /nvme/snapfs --cache-size 500G   # under systemd\n"
+        "  snapfs status /snap\n"
+        "  snapfs umount /snap",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("mountpoint", help="directory to mount on (created if missing)")
+    p.add_argument(
+        "--cache", metavar="DIR", default=None, help="cache directory (default: /var/cache/snapfs as root)"
+    )
+    p.add_argument(
+        "--cache-size",
+        metavar="SIZE",
+        default=None,
+        help="cache limit, e.g. 200G (default: half the free space, <= 100G)",
+    )
+    p.add_argument("--foreground", "-f", action="store_true", help="stay attached (for systemd Type=notify)")
+    p.add_argument(
+        "--allow-other", action="store_true", help="let other users read the mount (off by default)"
+    )
+    p.add_argument("--fetch-jobs", type=int, default=32, help="concurrent store fetches (default 32)")
+    p.add_argument("--max-read", type=parse_size, default=None, help="FUSE max_read, e.g. 1M")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument(
+        "--metrics-addr", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)"
+    )
+    p.add_argument("--log-file", default=None, help="daemon log in the background (default: CACHE/mount.log)")
+    p.add_argument(
+        "--no-fsync", action="store_true", help="do not fsync cache files (faster, less crash-safe)"
+    )
+    p.set_defaults(func=cmd_mount)
+
+    p = subparsers.add_parser(
+        "umount",
+        parents=[common],
+        help="unmount a snapfs mount and wait for its daemon to exit",
+        description="Unmount MOUNTPOINT cleanly. A stale mount left by a dead daemon is removed too.",
+        epilog="example:\n  snapfs umount /snap",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("mountpoint")
+    p.set_defaults(func=cmd_umount)
+
+    p = subparsers.add_parser(
+        "status",
+        parents=[common],
+        help="show a mount's counters: hits, misses, bytes fetched, verify failures, cache fill",
+        epilog="example:\n  snapfs status /snap --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("mountpoint")
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    config = daemon.MountConfig(
+        mountpoint=args.mountpoint,
+        store_url=args.store,
+        endpoint_url=args.endpoint_url,
+        cache_dir=args.cache or default_cache_dir(),
+        cache_size=parse_size(args.cache_size) if args.cache_size else None,
+        allow_other=args.allow_other,
+        foreground=args.foreground,
+        fetch_concurrency=args.fetch_jobs,
+        max_read=args.max_read,
+        metrics_port=args.metrics_port,
+        metrics_addr=args.metrics_addr,
+        log_file=args.log_file,
+        fsync=not args.no_fsync,
+    )
+    return daemon.mount(config)
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    daemon.umount(args.mountpoint)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = daemon.read_status(args.mountpoint)
+    if args.json:
+        print_json(status)
+        return 0
+    lookups = status["hits"] + status["misses"]
+    hit_rate = f"{100 * status['hits'] / lookups:.1f}%" if lookups else "-"
+    limit = status.get("cache_limit_bytes")
+    fill = f"{human_bytes(status['cache_bytes'])}" + (
+        f" of {human_bytes(limit)} ({100 * status['cache_bytes'] / limit:.0f}%)" if limit else ""
+    )
+    rows = [
+        ("mountpoint", status["mountpoint"]),
+        ("daemon pid", status["pid"]),
+        ("store", status["store"]),
+        (
+            "cache",
+            f"{status['cache_dir']}: {fill}, {status['cache_objects']} objects, "
+            f"{human_bytes(status['cache_pinned_bytes'])} pinned",
+        ),
+        (
+            "hits",
+            f"{status['hits']} ({hit_rate}; {status['memory_hits']} memory, {status['disk_hits']} disk)",
+        ),
+        ("misses", status["misses"]),
+        ("fetched", f"{human_bytes(status['fetched_bytes'])} in {status['fetched_objects']} objects"),
+        ("verify failures", status["verify_failures"]),
+        ("fetch errors", status["fetch_errors"]),
+        ("snapshots open", status["snapshots_open"]),
+        ("memory", f"{human_bytes(status['rss_bytes'])} RSS, {status['cpu_seconds']} CPU seconds"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0

@@ -1,0 +1,420 @@
+"""The mount daemon: checks, daemonising, signals, systemd notify, status, metrics.
+
+Process model (docs/DAEMON.md):
+- ``snapfs mount`` forks *before* anything opens LMDB, starts a thread or calls
+  pyfuse3.init. The child becomes the daemon, mounts, and reports readiness
+  through a pipe; the parent exits 0 only when the mount is live, and non-zero
+  with the child's error otherwise.
+- ``--foreground`` skips the fork (systemd ``Type=notify``): READY=1 is sent once
+  the kernel has the mount.
+- SIGTERM, SIGINT and SIGHUP unmount cleanly. The mount uses libfuse's
+  ``auto_unmount``, so even a ``kill -9`` leaves no stale mountpoint behind; a
+  mountpoint left stale anyway (e.g. by an older daemon) is detected and lazily
+  unmounted before mounting again.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+
+import trio
+
+from .cache import DiskCache, ObjectSource
+from .errors import MountError, NotFoundError, SnapfsError, UsageError
+from .repo import Repo
+from .store import LocalStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_CAP = 100 << 30
+
+
+@dataclass
+class MountConfig:
+    mountpoint: str
+    store_url: str | None
+    endpoint_url: str | None
+    cache_dir: str
+    cache_size: int | None
+    allow_other: bool = False
+    foreground: bool = False
+    fetch_concurrency: int = 32
+    max_read: int | None = None
+    metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
+    log_file: str | None = None
+    fsync: bool = True
+
+
+# --- checks ------------------------------------------------------------------
+
+
+def _inside(path: str, parent: str) -> bool:
+    path, parent = os.path.realpath(path), os.path.realpath(parent)
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def recover_stale(mountpoint: str) -> bool:
+    """Lazily unmount a mountpoint whose daemon died; True if there was one."""
+    try:
+        os.stat(mountpoint)
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
+            return False
+    log.warning("%s is a stale mount left by a dead daemon; unmounting it lazily", mountpoint)
+    fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
+    if fusermount:
+        subprocess.run([fusermount, "-uz", mountpoint], check=False, capture_output=True)
+    if _is_stale(mountpoint):
+        subprocess.run(["umount", "-l", mountpoint], check=False, capture_output=True)
+    if _is_stale(mountpoint):
+        raise MountError(
+            f"{mountpoint} is a stale mount and could not be unmounted (try: fusermount3 -uz {mountpoint})"
+        )
+    return True
+
+
+def _is_stale(mountpoint: str) -> bool:
+    try:
+        os.stat(mountpoint)
+        return False
+    except OSError as exc:
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+
+
+def check_mountpoint(config: MountConfig, store_root: str | None) -> str:
+    mountpoint = os.path.abspath(config.mountpoint)
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse is missing: this kernel or container has no FUSE (load the fuse module)")
+    if not (shutil.which("fusermount3") or os.geteuid() == 0):
+        raise MountError("fusermount3 not found: install the fuse3 package")
+    recover_stale(mountpoint)
+    if not os.path.isdir(mountpoint):
+        if os.path.exists(mountpoint):
+            raise UsageError(f"mountpoint {mountpoint} is not a directory")
+        os.makedirs(mountpoint, exist_ok=True)
+    if os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint} is already mounted (snapfs umount {mountpoint} first)")
+    for label, path in (("cache directory", config.cache_dir), ("store", store_root)):
+        if path and (_inside(mountpoint, path) or _inside(path, mountpoint)):
+            raise UsageError(
+                f"refusing to mount at {mountpoint}: it overlaps the {label} {path} (reads would deadlock)"
+            )
+    if config.allow_other and os.geteuid() != 0:
+        try:
+            with open("/etc/fuse.conf") as f:
+                allowed = any(line.strip() == "user_allow_other" for line in f)
+        except OSError:
+            allowed = False
+        if not allowed:
+            raise MountError("--allow-other needs 'user_allow_other' in /etc/fuse.conf for non-root users")
+    return mountpoint
+
+
+def default_cache_size(cache_dir: str) -> int:
+    """Half the free space of the cache's filesystem at start, at most 100 GiB."""
+    probe = cache_dir
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe) or "/"
+    usage = shutil.disk_usage(probe)
+    return min(DEFAULT_CACHE_CAP, usage.free // 2)
+
+
+# --- systemd -----------------------------------------------------------------
+
+
+def sd_notify(message: str) -> None:
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        log.warning("cannot notify systemd: %s", exc)
+
+
+# --- the daemon ----------------------------------------------------------------
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _resolve_name_sync(repo: Repo, name: str) -> str | None:
+    """A name (or SERIES@latest) to a snapshot ID; None if it is not a name."""
+    from . import refs
+
+    resolver = getattr(refs, "resolve_name", None)
+    if resolver is None:
+        return None
+    return resolver(repo, name)
+
+
+def _list_names_sync(repo: Repo) -> list[str]:
+    from . import refs
+
+    lister = getattr(refs, "list_names", None)
+    return list(lister(repo)) if lister is not None else []
+
+
+class Daemon:
+    """Everything that lives for the life of one mount (in the daemon process)."""
+
+    def __init__(self, config: MountConfig, mountpoint: str) -> None:
+        self.config = config
+        self.mountpoint = mountpoint
+        self.repo = Repo.open(config.store_url, endpoint_url=config.endpoint_url)
+        self.cache = DiskCache(config.cache_dir, config.cache_size, fsync=config.fsync)
+        swept = self.cache.sweep_temp()
+        if swept:
+            log.info("swept %d temp files left in the cache by a crash", swept)
+        self.started = time.time()
+        self.source: ObjectSource | None = None
+        self.fs = None
+        self.metrics = None
+
+    def status(self) -> dict:
+        assert self.source is not None and self.fs is not None
+        counters = self.source.counters
+        total, pinned, objects = self.cache.index.totals()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return {
+            "pid": os.getpid(),
+            "mountpoint": self.mountpoint,
+            "store": self.repo.url,
+            "cache_dir": self.cache.directory,
+            "uptime_seconds": round(time.time() - self.started, 1),
+            "hits": counters.memory_hits + counters.disk_hits,
+            "memory_hits": counters.memory_hits,
+            "disk_hits": counters.disk_hits,
+            "misses": counters.misses,
+            "fetched_objects": counters.fetched_objects,
+            "fetched_bytes": counters.fetched_bytes,
+            "verify_failures": counters.verify_failures,
+            "fetch_errors": counters.fetch_errors,
+            "cache_write_failures": counters.cache_write_failures,
+            "readahead_objects": counters.readahead_objects,
+            "cache_bytes": total,
+            "cache_pinned_bytes": pinned,
+            "cache_objects": objects,
+            "cache_limit_bytes": self.cache.max_bytes,
+            "rss_bytes": _rss_bytes(),
+            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3),
+            **self.fs.stats(),
+        }
+
+    async def _resolve_name(self, name: str) -> str | None:
+        known = await trio.to_thread.run_sync(self.cache.index.recall_name, name)
+        if known:
+            return known
+        try:
+            snapshot_id = await trio.to_thread.run_sync(_resolve_name_sync, self.repo, name)
+        except (NotFoundError, UsageError):
+            return None
+        except SnapfsError as exc:
+            log.warning("cannot resolve name %r: %s", name, exc)
+            return None
+        if snapshot_id:
+            # Names never move, so remembering them is always right, and it lets
+            # a prewarmed node resolve them with the store unreachable.
+            await trio.to_thread.run_sync(self.cache.index.remember_name, name, snapshot_id)
+        return snapshot_id
+
+    async def _list_names(self) -> list[str]:
+        return await trio.to_thread.run_sync(_list_names_sync, self.repo)
+
+    async def run(self, on_ready) -> None:
+        from . import fuseops
+        from .vfs import SnapshotFS
+
+        on_fetch = None
+        if self.config.metrics_port is not None:
+            from .metrics import start_metrics
+
+            self.metrics = start_metrics(self, self.config.metrics_addr, self.config.metrics_port)
+            on_fetch = self.metrics.observe_fetch
+        async with ObjectSource(
+            self.repo, self.cache, fetch_concurrency=self.config.fetch_concurrency, on_fetch=on_fetch
+        ) as source:
+            self.source = source
+            self.fs = SnapshotFS(source, resolve_name=self._resolve_name, list_names=self._list_names)
+            ops = fuseops.Operations(self.fs, self.status)
+            options = fuseops.mount_options(
+                allow_other=self.config.allow_other, max_read=self.config.max_read
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_signals)
+                await fuseops.serve(ops, self.mountpoint, options, on_ready)
+                nursery.cancel_scope.cancel()
+        log.info("unmounted %s", self.mountpoint)
+
+    async def _watch_signals(self) -> None:
+        from . import fuseops
+
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("received %s: unmounting %s", signal.Signals(signum).name, self.mountpoint)
+                sd_notify("STOPPING=1")
+                fuseops.terminate()
+                return
+
+    def close(self) -> None:
+        self.cache.close()
+        self.repo.store.close()
+
+
+def _serve(config: MountConfig, mountpoint: str, ready_fd: int | None) -> int:
+    def report(message: str) -> None:
+        nonlocal ready_fd
+        if ready_fd is not None:
+            os.write(ready_fd, message.encode())
+            os.close(ready_fd)
+            ready_fd = None
+
+    daemon = None
+    try:
+        daemon = Daemon(config, mountpoint)
+
+        def on_ready() -> None:
+            log.info("mounted %s (store %s, cache %s)", mountpoint, daemon.repo.url, daemon.cache.directory)
+            report(f"ok {os.getpid()}")
+            sd_notify(f"READY=1\nSTATUS=serving {mountpoint}\nMAINPID={os.getpid()}")
+
+        trio.run(daemon.run, on_ready)
+        return 0
+    except SnapfsError as exc:
+        log.error("%s", exc)
+        report(f"error {exc}")
+        return exc.exit_code
+    except RuntimeError as exc:  # pyfuse3.init failures arrive as RuntimeError
+        log.error("cannot mount %s: %s", mountpoint, exc)
+        report(f"error cannot mount {mountpoint}: {exc}")
+        return MountError.exit_code
+    except Exception as exc:
+        log.exception("daemon failed")
+        report(f"error {exc}")
+        return 1
+    finally:
+        if daemon is not None:
+            daemon.close()
+
+
+def mount(config: MountConfig) -> int:
+    """Mount; in the background unless ``config.foreground``. Returns an exit code."""
+    store_root = None
+    if not (config.store_url or "").startswith(("s3://",)):
+        from .store import open_store
+
+        store = open_store(config.store_url)
+        if isinstance(store, LocalStore):
+            store_root = store.root
+    mountpoint = check_mountpoint(config, store_root)
+    if config.cache_size is None:
+        config.cache_size = default_cache_size(config.cache_dir)
+    if config.foreground:
+        return _serve(config, mountpoint, None)
+
+    log_file = config.log_file or os.path.join(config.cache_dir, "mount.log")
+    os.makedirs(os.path.dirname(log_file), exist_ok=True)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_fd)
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(null, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(null)
+        os.close(log_fd)
+        os.chdir("/")
+        code = 1
+        try:
+            code = _serve(config, mountpoint, write_fd)
+        finally:
+            logging.shutdown()
+            os._exit(code)
+    os.close(write_fd)
+    chunks = []
+    while True:
+        data = os.read(read_fd, 4096)
+        if not data:
+            break
+        chunks.append(data)
+    os.close(read_fd)
+    message = b"".join(chunks).decode(errors="replace")
+    if message.startswith("ok "):
+        log.info("daemon %s serving %s; log: %s", message[3:], mountpoint, log_file)
+        return 0
+    _, status = os.waitpid(pid, 0)
+    detail = (
+        message[len("error ") :]
+        if message.startswith("error ")
+        else f"daemon exited ({status}); see {log_file}"
+    )
+    raise MountError(detail)
+
+
+# --- status and umount ----------------------------------------------------------
+
+
+def read_status(mountpoint: str) -> dict:
+    from .fuseops import STATUS_XATTR
+
+    if _is_stale(mountpoint):
+        raise MountError(f"{mountpoint} is a stale mount: its daemon is dead (snapfs mount recovers it)")
+    try:
+        raw = os.getxattr(mountpoint, STATUS_XATTR.decode())
+    except OSError as exc:
+        if not os.path.ismount(mountpoint):
+            raise MountError(f"{mountpoint} is not mounted") from exc
+        raise MountError(f"{mountpoint} is not a snapfs mount ({exc.strerror})") from exc
+    return json.loads(raw)
+
+
+def umount(mountpoint: str, timeout: float = 30.0) -> None:
+    mountpoint = os.path.abspath(mountpoint)
+    if recover_stale(mountpoint):
+        return
+    if not os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint} is not mounted")
+    pid = None
+    try:
+        pid = read_status(mountpoint).get("pid")
+    except (MountError, ValueError):
+        pass
+    fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
+    if not fusermount:
+        raise MountError("fusermount3 not found: install the fuse3 package")
+    result = subprocess.run([fusermount, "-u", mountpoint], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip() or 'busy'}")
+    if pid:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        log.warning("daemon %s did not exit within %.0fs after unmount", pid, timeout)

@@ -1,0 +1,214 @@
+"""The pyfuse3 adapter: the only module that imports pyfuse3.
+
+A thin layer over snapfs.vfs. This is the single boundary where errors become
+errnos: VfsError carries its own, and any SnapfsError (a missing or corrupt
+object, an unreachable store) becomes EIO with one log line naming the
+snapshot, the path and the object. Called only from the trio thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+from collections.abc import Callable
+
+import pyfuse3
+import trio
+
+from .errors import SnapfsError
+from .vfs import ROOT_INODE, Attr, SnapshotFS, VfsError
+
+log = logging.getLogger(__name__)
+
+STATUS_XATTR = b"user.snapfs.status"
+FUSEError = pyfuse3.FUSEError
+
+
+def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
+    out = pyfuse3.EntryAttributes()
+    out.st_ino = attr.ino
+    out.generation = 0
+    out.entry_timeout = attr.timeout
+    out.attr_timeout = attr.timeout
+    out.st_mode = attr.mode
+    out.st_nlink = attr.nlink
+    out.st_uid = attr.uid
+    out.st_gid = attr.gid
+    out.st_rdev = 0
+    out.st_size = attr.size
+    out.st_blksize = 1 << 20
+    out.st_blocks = attr.blocks
+    out.st_atime_ns = attr.mtime_ns
+    out.st_mtime_ns = attr.mtime_ns
+    out.st_ctime_ns = attr.mtime_ns
+    return out
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, fs: SnapshotFS, status: Callable[[], dict]) -> None:
+        super().__init__()
+        self.fs = fs
+        self.status = status
+
+    async def _call(self, what: str, ino: int, coro):
+        try:
+            return await coro
+        except VfsError as exc:
+            raise FUSEError(exc.errno) from None
+        except SnapfsError as exc:
+            log.error("EIO on %s of %s: %s", what, self.fs.describe(ino), exc)
+            raise FUSEError(errno.EIO) from None
+        except trio.Cancelled:
+            raise
+        except Exception:
+            log.exception("bug: unexpected error in %s of %s", what, self.fs.describe(ino))
+            raise FUSEError(errno.EIO) from None
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        return _entry(await self._call("lookup", parent_inode, self.fs.lookup(parent_inode, bytes(name))))
+
+    async def getattr(self, inode, ctx=None):
+        return _entry(await self._call("getattr", inode, self.fs.getattr(inode)))
+
+    def forget(self, inode_list):
+        # Inode numbers are derived (see vfs): there is nothing to free, and
+        # forget must never raise.
+        return None
+
+    async def opendir(self, inode, ctx):
+        if inode != ROOT_INODE and inode & 0xFFFFFFFF:
+            raise FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh, start_id, token):
+        rows = await self._call("readdir", fh, self.fs.readdir(fh, start_id))
+        for name, attr, next_id in rows:
+            if not pyfuse3.readdir_reply(token, name, _entry(attr), next_id):
+                break
+
+    async def releasedir(self, fh):
+        return None
+
+    async def readlink(self, inode, ctx):
+        return await self._call("readlink", inode, self.fs.readlink(inode))
+
+    async def open(self, inode, flags, ctx):
+        fh = await self._call("open", inode, self.fs.open(inode, flags))
+        info = pyfuse3.FileInfo(fh=fh)
+        info.keep_cache = True  # content never changes: let the page cache keep it
+        return info
+
+    async def read(self, fh, off, size):
+        try:
+            handle = self.fs.handle(fh)
+        except VfsError as exc:
+            raise FUSEError(exc.errno) from None
+        try:
+            return await self.fs.read(fh, off, size)
+        except SnapfsError as exc:
+            log.error(
+                "EIO reading %s/%s at offset %d: %s", handle.snapshot_id, os.fsdecode(handle.path), off, exc
+            )
+            raise FUSEError(errno.EIO) from None
+        except VfsError as exc:
+            raise FUSEError(exc.errno) from None
+        except trio.Cancelled:
+            raise
+        except Exception:
+            log.exception("bug: unexpected error reading %s/%s", handle.snapshot_id, os.fsdecode(handle.path))
+            raise FUSEError(errno.EIO) from None
+
+    async def release(self, fh):
+        self.fs.release(fh)
+
+    async def flush(self, fh):
+        return None
+
+    async def access(self, inode, mode, ctx):
+        if mode & os.W_OK:
+            raise FUSEError(errno.EROFS)
+        return True
+
+    async def statfs(self, ctx):
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = 1 << 20
+        out.f_frsize = 1 << 20
+        out.f_namemax = 255
+        return out
+
+    async def getxattr(self, inode, name, ctx):
+        if inode == ROOT_INODE and name == STATUS_XATTR:
+            return json.dumps(self.status(), sort_keys=True).encode()
+        raise FUSEError(pyfuse3.ENOATTR)
+
+    async def listxattr(self, inode, ctx):
+        return [STATUS_XATTR] if inode == ROOT_INODE else []
+
+    # Everything that would change the filesystem: EROFS.
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        raise FUSEError(errno.EROFS)
+
+    async def setxattr(self, inode, name, value, ctx):
+        raise FUSEError(errno.EROFS)
+
+    async def removexattr(self, inode, name, ctx):
+        raise FUSEError(errno.EROFS)
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        raise FUSEError(errno.EROFS)
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        raise FUSEError(errno.EROFS)
+
+    async def unlink(self, parent_inode, name, ctx):
+        raise FUSEError(errno.EROFS)
+
+    async def rmdir(self, parent_inode, name, ctx):
+        raise FUSEError(errno.EROFS)
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        raise FUSEError(errno.EROFS)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        raise FUSEError(errno.EROFS)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        raise FUSEError(errno.EROFS)
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        raise FUSEError(errno.EROFS)
+
+    async def write(self, fh, off, buf):
+        raise FUSEError(errno.EROFS)
+
+
+def mount_options(*, allow_other: bool, max_read: int | None) -> set[str]:
+    options = set(pyfuse3.default_options)  # includes default_permissions
+    # auto_unmount: fusermount3 unmounts if the daemon dies, even by kill -9,
+    # so a crash never leaves a dead mountpoint that looks like an empty dir.
+    options |= {"fsname=snapfs", "subtype=snapfs", "ro", "auto_unmount"}
+    if allow_other:
+        options.add("allow_other")
+    if max_read:
+        options.add(f"max_read={max_read}")
+    return options
+
+
+async def serve(ops: Operations, mountpoint: str, options: set[str], on_ready: Callable[[], None]) -> None:
+    """Mount, call ``on_ready`` once the kernel has the mount, serve until unmounted."""
+    pyfuse3.init(ops, mountpoint, options)
+    try:
+        on_ready()
+        await pyfuse3.main(min_tasks=4, max_tasks=128)
+    finally:
+        pyfuse3.close(unmount=True)
+
+
+def terminate() -> None:
+    pyfuse3.terminate()

@@ -1,0 +1,472 @@
+"""What snapshots look like as a filesystem: inodes, lookup, readdir, read.
+
+No pyfuse3 here: snapfs.fuseops adapts this to FUSE, and tests drive it directly.
+Call only from the trio thread. Every ``await`` may let another request run;
+the state that can change across one is listed in docs/CACHE.md.
+
+Inode numbers are derived, not tabled (restic's idea, adapted):
+- 1 is the mountpoint root, which holds ``<snapshot-id>`` directories and
+  ``<name>`` symlinks;
+- every directory that has been visited gets a *slot* s >= 1, and its inode is
+  ``s << 32``;
+- a file or symlink is ``(s << 32) | (i + 1)``, where s is its directory's slot
+  and i its index in the directory's sorted entries;
+- name symlinks at the root are small numbers 2, 3, ...
+So visiting files costs no memory at all; memory grows only with the number of
+directories visited (one small slot each), and decoded trees sit in an LRU
+bounded by entry count. Slots are never reused during a mount, so an inode
+never changes meaning; ``forget`` therefore has nothing to free.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import logging
+import os
+import stat
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from . import format as fmt
+from .cache import ObjectSource
+from .errors import NotFoundError, SnapfsError
+from .format import ChunkRef, Entry
+from .hashing import is_object_id
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1
+SLOT_SHIFT = 32
+INDEX_MASK = (1 << SLOT_SHIFT) - 1
+# Every file shows this mtime (2000-01-01T00:00:00Z): content never changes, and
+# a fixed, documented time keeps `tar`, `rsync` and `make` deterministic.
+FIXED_MTIME_NS = 946684800 * 1_000_000_000
+ROOT_ATTR_TIMEOUT = 1.0
+CONTENT_TIMEOUT = 86400.0 * 365
+READAHEAD_CHUNKS = 8
+
+
+class VfsError(Exception):
+    """An errno for the reader; the adapter turns it into FUSEError."""
+
+    def __init__(self, errno_: int, message: str = "") -> None:
+        super().__init__(message or os.strerror(errno_))
+        self.errno = errno_
+
+
+@dataclass(slots=True)
+class Attr:
+    ino: int
+    mode: int
+    size: int
+    nlink: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    blocks: int
+    timeout: float
+
+
+@dataclass(slots=True)
+class DirSlot:
+    tree_id: str
+    snapshot_id: str
+    path: bytes  # inside the snapshot, for log lines
+    parent_ino: int
+    subdirs: int  # for nlink, known from the parent's entry without fetching this tree
+
+
+class _Tree:
+    __slots__ = ("entries", "index", "subdirs")
+
+    def __init__(self, entries: list[Entry]) -> None:
+        self.entries = entries
+        self.index = {e.name: i for i, e in enumerate(entries)}
+        self.subdirs = sum(1 for e in entries if e.is_dir)
+
+
+@dataclass
+class OpenFile:
+    entry: Entry
+    chunks: tuple[ChunkRef, ...]
+    offsets: list[int]  # start offset of each chunk
+    snapshot_id: str
+    path: bytes
+    next_offset: int = 0  # where a sequential reader will read next
+    readahead_until: int = 0  # chunk index up to which readahead was started
+
+
+NameResolver = Callable[[str], Awaitable[str | None]]
+NameLister = Callable[[], Awaitable[list[str]]]
+
+
+class SnapshotFS:
+    def __init__(
+        self,
+        source: ObjectSource,
+        *,
+        uid: int | None = None,
+        gid: int | None = None,
+        resolve_name: NameResolver | None = None,
+        list_names: NameLister | None = None,
+        tree_cache_entries: int = 200_000,
+    ) -> None:
+        self.source = source
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
+        self.resolve_name = resolve_name
+        self.list_names = list_names
+        self.slots: list[DirSlot | None] = [None]
+        self.slot_of: dict[tuple, int] = {}
+        self.snapshots: dict[str, int] = {}  # snapshot_id -> slot, in the order opened
+        self.names: dict[str, tuple[int, str]] = {}  # name -> (ino, snapshot_id)
+        self.name_by_ino: dict[int, str] = {}
+        self.trees: OrderedDict[str, _Tree] = OrderedDict()
+        self.tree_cache_entries = tree_cache_entries
+        self._tree_entries = 0
+        self.handles: dict[int, OpenFile] = {}
+        self._next_fh = 1
+        self.started = time.time()
+
+    # --- trees -----------------------------------------------------------
+
+    async def _tree(self, tree_id: str, snapshot_id: str, path: bytes) -> _Tree:
+        tree = self.trees.get(tree_id)
+        if tree is not None:
+            self.trees.move_to_end(tree_id)
+            return tree
+        where = f"tree {tree_id} (snapshot {snapshot_id}, /{os.fsdecode(path)})"
+        data = await self.source.get(tree_id, "tree")
+        # Decoding is pure CPU; a large tree is decoded in a thread so `ls`
+        # elsewhere on the mount is not held up.
+        if len(data) > 256 << 10:
+            entries = await trio.to_thread.run_sync(fmt.decode_tree, data, where)
+        else:
+            entries = fmt.decode_tree(data, where)
+        # Another request may have decoded it while we awaited.
+        tree = self.trees.get(tree_id)
+        if tree is None:
+            tree = _Tree(entries)
+            self.trees[tree_id] = tree
+            self._tree_entries += len(entries)
+            while self._tree_entries > self.tree_cache_entries and len(self.trees) > 1:
+                _, old = self.trees.popitem(last=False)
+                self._tree_entries -= len(old.entries)
+        return tree
+
+    def _slot(self, ino: int) -> DirSlot:
+        s = ino >> SLOT_SHIFT
+        slot = self.slots[s] if 0 < s < len(self.slots) else None
+        if slot is None:
+            raise VfsError(errno.ENOENT)
+        return slot
+
+    def _alloc_slot(
+        self, key: tuple, tree_id: str, snapshot_id: str, path: bytes, parent_ino: int, subdirs: int
+    ) -> int:
+        s = self.slot_of.get(key)
+        if s is None:
+            s = len(self.slots)
+            self.slots.append(DirSlot(tree_id, snapshot_id, path, parent_ino, subdirs))
+            self.slot_of[key] = s
+        return s << SLOT_SHIFT
+
+    async def _slot_tree(self, slot: DirSlot) -> _Tree:
+        return await self._tree(slot.tree_id, slot.snapshot_id, slot.path)
+
+    # --- attributes ------------------------------------------------------
+
+    def _root_attr(self) -> Attr:
+        return Attr(
+            ROOT_INODE,
+            stat.S_IFDIR | 0o755,
+            0,
+            2 + len(self.snapshots),
+            self.uid,
+            self.gid,
+            FIXED_MTIME_NS,
+            0,
+            ROOT_ATTR_TIMEOUT,
+        )
+
+    def _entry_attr(self, ino: int, entry: Entry) -> Attr:
+        if entry.is_symlink:
+            mode, nlink, size, blocks = stat.S_IFLNK | 0o777, 1, entry.size, 0
+        else:
+            mode = stat.S_IFREG | (0o755 if entry.executable else 0o644)
+            nlink, size, blocks = 1, entry.size, (entry.size + 511) // 512
+        return Attr(ino, mode, size, nlink, self.uid, self.gid, FIXED_MTIME_NS, blocks, CONTENT_TIMEOUT)
+
+    def _name_attr(self, ino: int, snapshot_id: str) -> Attr:
+        return Attr(
+            ino,
+            stat.S_IFLNK | 0o777,
+            len(snapshot_id),
+            1,
+            self.uid,
+            self.gid,
+            FIXED_MTIME_NS,
+            0,
+            ROOT_ATTR_TIMEOUT,
+        )
+
+    def _dir_attr(self, ino: int) -> Attr:
+        slot = self._slot(ino)
+        return Attr(
+            ino,
+            stat.S_IFDIR | 0o755,
+            0,
+            2 + slot.subdirs,
+            self.uid,
+            self.gid,
+            FIXED_MTIME_NS,
+            0,
+            CONTENT_TIMEOUT,
+        )
+
+    async def _child(self, parent_ino: int, index: int) -> tuple[int, Entry, DirSlot]:
+        slot = self._slot(parent_ino)
+        tree = await self._slot_tree(slot)
+        if not 0 <= index < len(tree.entries):
+            raise VfsError(errno.ENOENT)
+        entry = tree.entries[index]
+        if entry.is_dir:
+            path = slot.path + b"/" + entry.name if slot.path else entry.name
+            ino = self._alloc_slot(
+                (parent_ino >> SLOT_SHIFT, index),
+                entry.tree_id,
+                slot.snapshot_id,
+                path,
+                parent_ino,
+                entry.subdirs,
+            )
+        else:
+            ino = parent_ino | (index + 1)
+        return ino, entry, slot
+
+    async def _child_attr(self, parent_ino: int, index: int) -> Attr:
+        ino, entry, _slot = await self._child(parent_ino, index)
+        if entry.is_dir:
+            return self._dir_attr(ino)
+        return self._entry_attr(ino, entry)
+
+    # --- operations ------------------------------------------------------
+
+    async def getattr(self, ino: int) -> Attr:
+        if ino == ROOT_INODE:
+            return self._root_attr()
+        if ino in self.name_by_ino:
+            return self._name_attr(ino, self.names[self.name_by_ino[ino]][1])
+        if ino & INDEX_MASK == 0:
+            return self._dir_attr(ino)
+        return await self._child_attr(ino & ~INDEX_MASK, (ino & INDEX_MASK) - 1)
+
+    async def lookup(self, parent_ino: int, name: bytes) -> Attr:
+        if parent_ino == ROOT_INODE:
+            return await self._lookup_root(name)
+        if parent_ino & INDEX_MASK:
+            raise VfsError(errno.ENOTDIR)
+        slot = self._slot(parent_ino)
+        tree = await self._slot_tree(slot)
+        if name == b".":
+            return self._dir_attr(parent_ino)
+        if name == b"..":
+            return await self.getattr(slot.parent_ino)
+        index = tree.index.get(name)
+        if index is None:
+            raise VfsError(errno.ENOENT)
+        return await self._child_attr(parent_ino, index)
+
+    async def open_snapshot(self, snapshot_id: str) -> int:
+        """The root inode of a snapshot, fetching its root tree on first use."""
+        s = self.snapshots.get(snapshot_id)
+        if s is not None:
+            return s << SLOT_SHIFT
+        try:
+            tree = await self._tree(snapshot_id, snapshot_id, b"")
+        except NotFoundError as exc:
+            raise VfsError(errno.ENOENT) from exc
+        ino = self._alloc_slot(
+            ("snapshot", snapshot_id), snapshot_id, snapshot_id, b"", ROOT_INODE, tree.subdirs
+        )
+        self.snapshots.setdefault(snapshot_id, ino >> SLOT_SHIFT)
+        log.info("opened snapshot %s", snapshot_id)
+        return ino
+
+    async def _lookup_root(self, name: bytes) -> Attr:
+        if name in (b".", b".."):
+            return self._root_attr()
+        text = name.decode("utf-8", "replace")
+        if is_object_id(text):
+            return self._dir_attr(await self.open_snapshot(text))
+        known = self.names.get(text)
+        if known is not None:
+            return self._name_attr(known[0], known[1])
+        if self.resolve_name is None:
+            raise VfsError(errno.ENOENT)
+        snapshot_id = await self.resolve_name(text)
+        if snapshot_id is None:
+            raise VfsError(errno.ENOENT)
+        return self._name_attr(self._name_ino(text, snapshot_id), snapshot_id)
+
+    def _name_ino(self, name: str, snapshot_id: str) -> int:
+        known = self.names.get(name)
+        if known is not None:
+            return known[0]
+        ino = 2 + len(self.names)
+        self.names[name] = (ino, snapshot_id)
+        self.name_by_ino[ino] = name
+        return ino
+
+    async def readdir(self, ino: int, start: int) -> list[tuple[bytes, Attr, int]]:
+        """Entries from position ``start``: (name, attr, next position)."""
+        if ino == ROOT_INODE:
+            return await self._readdir_root(start)
+        if ino & INDEX_MASK:
+            raise VfsError(errno.ENOTDIR)
+        slot = self._slot(ino)
+        tree = await self._slot_tree(slot)
+        out = []
+        for index in range(start, len(tree.entries)):
+            out.append((tree.entries[index].name, await self._child_attr(ino, index), index + 1))
+            if len(out) >= 512:  # the kernel's buffer holds far fewer; it will ask again
+                break
+        return out
+
+    async def _readdir_root(self, start: int) -> list[tuple[bytes, Attr, int]]:
+        rows: list[tuple[bytes, Attr]] = []
+        for snapshot_id, s in list(self.snapshots.items()):
+            rows.append((snapshot_id.encode(), self._dir_attr(s << SLOT_SHIFT)))
+        if self.list_names is not None:
+            try:
+                for name in await self.list_names():
+                    if name not in self.names and self.resolve_name is not None:
+                        snapshot_id = await self.resolve_name(name)
+                        if snapshot_id is None:
+                            continue
+                        self._name_ino(name, snapshot_id)
+            except SnapfsError as exc:
+                log.warning("cannot list names: %s", exc)
+        for name, (name_ino, snapshot_id) in sorted(self.names.items()):
+            rows.append((name.encode(), self._name_attr(name_ino, snapshot_id)))
+        return [(name, attr, i + 1) for i, (name, attr) in enumerate(rows) if i >= start]
+
+    async def readlink(self, ino: int) -> bytes:
+        name = self.name_by_ino.get(ino)
+        if name is not None:
+            return self.names[name][1].encode()
+        if ino == ROOT_INODE or ino & INDEX_MASK == 0:
+            raise VfsError(errno.EINVAL)
+        _ino, entry, _slot = await self._child(ino & ~INDEX_MASK, (ino & INDEX_MASK) - 1)
+        if not entry.is_symlink:
+            raise VfsError(errno.EINVAL)
+        return entry.target  # type: ignore[return-value]
+
+    async def open(self, ino: int, flags: int) -> int:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise VfsError(errno.EROFS)
+        if ino == ROOT_INODE or ino & INDEX_MASK == 0:
+            raise VfsError(errno.EISDIR)
+        _ino, entry, slot = await self._child(ino & ~INDEX_MASK, (ino & INDEX_MASK) - 1)
+        if not entry.is_file:
+            raise VfsError(errno.EINVAL)
+        path = slot.path + b"/" + entry.name if slot.path else entry.name
+        if entry.chunklist_id is not None:
+            data = await self.source.get(entry.chunklist_id, "chunk list")
+            chunks = fmt.decode_chunklist(
+                data, entry.chunk_count, entry.size, f"chunk list {entry.chunklist_id}"
+            )
+        else:
+            chunks = entry.chunks
+        offsets = []
+        offset = 0
+        for _, length in chunks:
+            offsets.append(offset)
+            offset += length
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = OpenFile(entry, chunks, offsets, slot.snapshot_id, path)
+        return fh
+
+    def release(self, fh: int) -> None:
+        self.handles.pop(fh, None)
+
+    def handle(self, fh: int) -> OpenFile:
+        try:
+            return self.handles[fh]
+        except KeyError:
+            raise VfsError(errno.EBADF) from None
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        handle = self.handle(fh)
+        file_size = handle.entry.size
+        if offset >= file_size or size <= 0:
+            return b""
+        end = min(offset + size, file_size)
+        first = bisect.bisect_right(handle.offsets, offset) - 1
+        last = bisect.bisect_right(handle.offsets, end - 1) - 1
+        sequential = offset == handle.next_offset
+        handle.next_offset = end
+        if sequential or offset == 0:
+            self._readahead(handle, last)
+        if first == last:
+            data = await self._chunk(handle, first)
+            start = offset - handle.offsets[first]
+            return data[start : start + (end - offset)]
+        pieces: list[bytes] = [b""] * (last - first + 1)
+
+        async def one(i: int) -> None:
+            pieces[i - first] = await self._chunk(handle, i)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(first, last + 1):
+                nursery.start_soon(one, i)
+        joined = b"".join(pieces)
+        start = offset - handle.offsets[first]
+        return joined[start : start + (end - offset)]
+
+    async def _chunk(self, handle: OpenFile, index: int) -> bytes:
+        chunk_id, length = handle.chunks[index]
+        return await self.source.get(chunk_id, "chunk", length)
+
+    def _readahead(self, handle: OpenFile, current: int) -> None:
+        """Keep up to READAHEAD_CHUNKS chunks ahead of a sequential reader in flight."""
+        start = max(current + 1, handle.readahead_until)
+        stop = min(current + 1 + READAHEAD_CHUNKS, len(handle.chunks))
+        for i in range(start, stop):
+            chunk_id, length = handle.chunks[i]
+            if not self.source.prefetch(chunk_id, "chunk", length):
+                break
+            handle.readahead_until = i + 1
+
+    def describe(self, ino: int) -> str:
+        """Snapshot and path of an inode, for log lines."""
+        try:
+            if ino == ROOT_INODE:
+                return "/"
+            if ino & INDEX_MASK == 0:
+                slot = self._slot(ino)
+                return f"{slot.snapshot_id}/{os.fsdecode(slot.path)}"
+            slot = self._slot(ino & ~INDEX_MASK)
+            tree = self.trees.get(slot.tree_id)
+            index = (ino & INDEX_MASK) - 1
+            name = (
+                os.fsdecode(tree.entries[index].name) if tree and index < len(tree.entries) else f"#{index}"
+            )
+            return f"{slot.snapshot_id}/{os.fsdecode(slot.path)}/{name}".replace("//", "/")
+        except VfsError:
+            return f"inode {ino}"
+
+    def stats(self) -> dict:
+        return {
+            "snapshots_open": len(self.snapshots),
+            "dirs_visited": len(self.slots) - 1,
+            "trees_cached": len(self.trees),
+            "tree_entries_cached": self._tree_entries,
+            "open_files": len(self.handles),
+        }

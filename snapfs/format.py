@@ -321,6 +321,9 @@ def encode_record(record: dict) -> bytes:
 def decode_record(data: bytes, what: str = "record") -> dict:
     try:
         record = json.loads(data.decode("utf-8"))
+    except RecursionError as exc:
+        # json recurses per nesting level: hostile "[[[[..." must not escape as a crash.
+        raise FormatError(f"{what}: JSON nested too deeply") from exc
     except (UnicodeDecodeError, ValueError) as exc:
         raise FormatError(f"{what}: not valid JSON: {exc}") from exc
     if not isinstance(record, dict):

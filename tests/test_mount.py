@@ -1,0 +1,286 @@
+"""Real mounts: readers in separate processes, as a dataloader's workers are."""
+
+from __future__ import annotations
+
+import errno
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from support.trees import file_digests, make_mixed_tree
+
+from snapfs import format as fmt
+from snapfs.repo import Repo
+from snapfs.snapshot import push
+
+SNAPFS = [sys.executable, "-m", "snapfs.cli.main"]
+
+
+def _fuse_missing() -> str | None:
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing"
+    if not shutil.which("fusermount3"):
+        return "fusermount3 is missing (install fuse3)"
+    return None
+
+
+_reason = _fuse_missing()
+if _reason and os.environ.get("CI"):
+    raise RuntimeError(f"CI must run the mount tests, but FUSE is unavailable: {_reason}")
+pytestmark = [pytest.mark.fuse, pytest.mark.skipif(_reason is not None, reason=f"no FUSE: {_reason}")]
+
+
+def snapfs(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([*SNAPFS, *args], capture_output=True, text=True, env=env, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snapfs {' '.join(args)} exited {result.returncode}: {result.stderr}")
+    return result
+
+
+@contextmanager
+def mounted(mountpoint: Path, store_url: str, cache: Path, *extra: str):
+    snapfs("mount", str(mountpoint), "--store", store_url, "--cache", str(cache), *extra)
+    try:
+        assert os.path.ismount(mountpoint)
+        yield mountpoint
+    finally:
+        if os.path.ismount(mountpoint):
+            subprocess.run([*SNAPFS, "umount", str(mountpoint)], capture_output=True, timeout=60)
+        if os.path.ismount(mountpoint):
+            subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
+
+
+def status(mountpoint: Path) -> dict:
+    return json.loads(snapfs("status", str(mountpoint), "--json").stdout)
+
+
+def _hash_files(paths: list[bytes]) -> dict[bytes, bytes]:
+    import hashlib
+
+    out = {}
+    for path in paths:
+        with open(path, "rb") as f:
+            out[path] = hashlib.sha256(f.read()).digest()
+    return out
+
+
+def parallel_digests(root: Path, workers: int = 4, exclude: tuple[bytes, ...] = ()) -> dict[bytes, bytes]:
+    """sha256 of every regular file under root, read by separate processes."""
+    root_b = os.fsencode(root)
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(root_b):
+        dirnames.sort()
+        paths += [
+            os.path.join(dirpath, n)
+            for n in filenames
+            if not os.path.islink(os.path.join(dirpath, n))
+            and os.path.relpath(os.path.join(dirpath, n), root_b) not in exclude
+        ]
+    batches = [paths[i::workers] for i in range(workers)]
+    out: dict[bytes, bytes] = {}
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for part in pool.map(_hash_files, batches):
+            out.update({os.path.relpath(p, root_b): d for p, d in part.items()})
+    return out
+
+
+@pytest.fixture
+def sample(tmp_path: Path):
+    src = make_mixed_tree(tmp_path / "src")
+    return src
+
+
+def test_readers_in_other_processes_see_exact_bytes(sample: Path, store_url: str, tmp_path: Path):
+    snapshot_id = push(str(sample), Repo.open(store_url)).snapshot_id
+    with mounted(tmp_path / "mnt", store_url, tmp_path / "cache") as mnt:
+        root = mnt / snapshot_id
+        assert parallel_digests(root) == file_digests(sample)
+        # Metadata that cp -a, tar, rsync and find rely on.
+        for dirpath, dirnames, filenames in os.walk(os.fsencode(sample)):
+            for name in dirnames + filenames:
+                local = os.path.join(dirpath, name)
+                mirrored = os.path.join(os.fsencode(root), os.path.relpath(local, os.fsencode(sample)))
+                a, b = os.lstat(local), os.lstat(mirrored)
+                assert (a.st_mode & 0o170000) == (b.st_mode & 0o170000), local
+                if os.path.islink(local):
+                    assert os.readlink(local) == os.readlink(mirrored)
+                elif os.path.isfile(local):
+                    assert a.st_size == b.st_size and (a.st_mode & 0o100) == (b.st_mode & 0o100)
+                    assert b.st_blocks == (a.st_size + 511) // 512 and b.st_nlink == 1
+                    assert b.st_mtime == 946684800
+                else:
+                    assert b.st_nlink == a.st_nlink, local
+        # A copy made with cp -a from the mount has the snapshot's ID.
+        copy = tmp_path / "copy"
+        subprocess.run(["cp", "-a", str(root), str(copy)], check=True)
+        assert snapfs("id", str(copy)).stdout.strip() == snapshot_id
+        # ls of the mountpoint lists the snapshots opened during this mount.
+        assert snapshot_id in os.listdir(mnt)
+        counters = status(mnt)
+        assert counters["misses"] > 0 and counters["verify_failures"] == 0 and counters["fetch_errors"] == 0
+
+
+def test_writes_fail_with_erofs(sample: Path, file_store_url: str, tmp_path: Path):
+    snapshot_id = push(str(sample), Repo.open(file_store_url)).snapshot_id
+    with mounted(tmp_path / "mnt", file_store_url, tmp_path / "cache") as mnt:
+        root = mnt / snapshot_id
+        attempts = [
+            lambda: open(root / "run.sh", "w"),
+            lambda: open(root / "run.sh", "a"),
+            lambda: open(root / "new-file", "w"),
+            lambda: os.mkdir(root / "newdir"),
+            lambda: os.unlink(root / "run.sh"),
+            lambda: os.rename(root / "run.sh", root / "moved.sh"),
+            lambda: os.chmod(root / "run.sh", 0o600),
+            lambda: os.symlink("x", root / "newlink"),
+            lambda: os.truncate(root / "run.sh", 0),
+        ]
+        for attempt in attempts:
+            with pytest.raises(OSError) as e:
+                attempt()
+            assert e.value.errno == errno.EROFS
+        assert (root / "run.sh").read_bytes() == (sample / "run.sh").read_bytes()
+
+
+def test_corrupt_object_gives_eio_for_that_file_only(sample: Path, file_store_url: str, tmp_path: Path):
+    repo = Repo.open(file_store_url)
+    snapshot_id = push(str(sample), repo).snapshot_id
+    entry = repo.lookup_path(snapshot_id, "medium.bin")
+    chunk_id = entry.chunks[0][0]
+    path = Path(repo.store.root) / fmt.object_key(chunk_id)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with mounted(tmp_path / "mnt", file_store_url, tmp_path / "cache") as mnt:
+        root = mnt / snapshot_id
+        with pytest.raises(OSError) as e:
+            (root / "medium.bin").read_bytes()
+        assert e.value.errno == errno.EIO
+        # Everything else is still served, byte for byte.
+        expected = file_digests(sample)
+        del expected[b"medium.bin"]
+        assert parallel_digests(root, workers=2, exclude=(b"medium.bin",)) == expected
+        assert status(mnt)["verify_failures"] >= 1
+    log = (tmp_path / "cache" / "mount.log").read_text()
+    assert chunk_id in log and snapshot_id in log and "medium.bin" in log
+
+
+def test_store_unreachable_cached_files_stay_readable(sample: Path, file_store_url: str, tmp_path: Path):
+    repo = Repo.open(file_store_url)
+    snapshot_id = push(str(sample), repo).snapshot_id
+    with mounted(tmp_path / "mnt", file_store_url, tmp_path / "cache") as mnt:
+        root = mnt / snapshot_id
+        first = (root / "large.bin").read_bytes()
+        store_root = repo.store.root
+        os.rename(store_root, store_root + ".away")
+        try:
+            # Drop the page cache so the bytes must come from the daemon's disk cache.
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3\n")
+            assert (root / "large.bin").read_bytes() == first == (sample / "large.bin").read_bytes()
+            with pytest.raises(OSError) as e:
+                (root / "small files" / "img_000.jpg").read_bytes()  # never read: not cached
+            assert e.value.errno == errno.EIO
+        finally:
+            os.rename(store_root + ".away", store_root)
+        # The store is back: the file that failed now reads.
+        assert (root / "small files" / "img_000.jpg").read_bytes() == (
+            sample / "small files" / "img_000.jpg"
+        ).read_bytes()
+
+
+def test_second_mount_over_warm_cache_fetches_nothing(sample: Path, file_store_url: str, tmp_path: Path):
+    snapshot_id = push(str(sample), Repo.open(file_store_url)).snapshot_id
+    with mounted(tmp_path / "mnt", file_store_url, tmp_path / "cache") as mnt:
+        parallel_digests(mnt / snapshot_id, workers=2)
+    with mounted(tmp_path / "mnt", file_store_url, tmp_path / "cache") as mnt:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        assert parallel_digests(mnt / snapshot_id, workers=2) == file_digests(sample)
+        counters = status(mnt)
+        assert counters["misses"] == 0 and counters["fetched_bytes"] == 0
+        assert counters["hits"] > 0
+
+
+def test_sigterm_unmounts_cleanly(sample: Path, file_store_url: str, tmp_path: Path):
+    snapshot_id = push(str(sample), Repo.open(file_store_url)).snapshot_id
+    mnt = tmp_path / "mnt"
+    with mounted(mnt, file_store_url, tmp_path / "cache"):
+        assert (mnt / snapshot_id / "run.sh").read_bytes()
+        pid = status(mnt)["pid"]
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (os.path.ismount(mnt) or _alive(pid)):
+            time.sleep(0.1)
+        assert not os.path.ismount(mnt)
+        assert not _alive(pid)
+        assert os.listdir(mnt) == []
+
+
+def test_kill_9_leaves_no_stuck_mount(sample: Path, file_store_url: str, tmp_path: Path):
+    snapshot_id = push(str(sample), Repo.open(file_store_url)).snapshot_id
+    mnt = tmp_path / "mnt"
+    with mounted(mnt, file_store_url, tmp_path / "cache"):
+        assert (mnt / snapshot_id / "run.sh").read_bytes()
+        pid = status(mnt)["pid"]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and os.path.ismount(mnt):
+            time.sleep(0.1)
+        assert not os.path.ismount(mnt), "a dead daemon left its mount behind"
+    # And mounting again just works, with the cache intact.
+    with mounted(mnt, file_store_url, tmp_path / "cache"):
+        assert (mnt / snapshot_id / "run.sh").read_bytes() == (sample / "run.sh").read_bytes()
+
+
+def test_refuses_mount_inside_store_or_cache(file_store_url: str, tmp_path: Path):
+    Repo.open(file_store_url).ensure_config()
+    store_root = file_store_url[len("file://") :]
+    result = snapfs(
+        "mount",
+        os.path.join(store_root, "mnt"),
+        "--store",
+        file_store_url,
+        "--cache",
+        str(tmp_path / "cache"),
+        check=False,
+    )
+    assert result.returncode == 2 and "overlaps the store" in result.stderr
+    result = snapfs(
+        "mount",
+        str(tmp_path / "cache" / "mnt"),
+        "--store",
+        file_store_url,
+        "--cache",
+        str(tmp_path / "cache"),
+        check=False,
+    )
+    assert result.returncode == 2 and "overlaps the cache" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_status_of_unmounted_dir_is_one_line_error(tmp_path: Path):
+    result = snapfs("status", str(tmp_path), check=False)
+    assert result.returncode == 9
+    assert result.stderr.strip().splitlines() == [f"snapfs: error: {tmp_path} is not mounted"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False

@@ -1,0 +1,372 @@
+"""The vfs and cache layers driven directly, without FUSE: fast and deterministic."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import stat
+import time
+from pathlib import Path
+
+import pytest
+import trio
+from support.trees import make_mixed_tree
+
+from snapfs import format as fmt
+from snapfs.cache import DiskCache, ObjectSource
+from snapfs.errors import CacheFullError, IntegrityError, NotFoundError, SnapfsError
+from snapfs.repo import Repo
+from snapfs.snapshot import push
+from snapfs.store import LocalStore
+from snapfs.vfs import INDEX_MASK, ROOT_INODE, SnapshotFS, VfsError
+
+
+class SlowStore(LocalStore):
+    """A deliberately slow store: gets of chosen keys sleep first (a real
+    implementation of our own Store interface, not a patched client)."""
+
+    def __init__(self, root: str, delay: float) -> None:
+        super().__init__(root)
+        self.delay = delay
+        self.slow_keys: set[str] = set()
+        self.gets: list[str] = []
+
+    def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+        self.gets.append(key)
+        if key in self.slow_keys:
+            time.sleep(self.delay)
+        return super().get(key, start, length)
+
+
+@pytest.fixture
+def pushed(tmp_path: Path):
+    src = make_mixed_tree(tmp_path / "src")
+    store = SlowStore(str(tmp_path / "store"), delay=0)
+    repo = Repo(store)
+    snapshot_id = push(str(src), repo).snapshot_id
+    return src, repo, store, snapshot_id, tmp_path
+
+
+def run_fs(repo: Repo, cache_dir: Path, body, **cache_kwargs):
+    async def main():
+        cache = DiskCache(str(cache_dir), **cache_kwargs)
+        try:
+            async with ObjectSource(repo, cache) as source:
+                fs = SnapshotFS(source)
+                return await body(fs, source)
+        finally:
+            cache.close()
+
+    return trio.run(main)
+
+
+async def resolve(fs: SnapshotFS, ino: int, path: bytes):
+    attr = None
+    for part in [p for p in path.split(b"/") if p]:
+        attr = await fs.lookup(ino, part)
+        ino = attr.ino
+    return ino, attr
+
+
+async def read_all(fs: SnapshotFS, ino: int, size: int, step: int = 131072) -> bytes:
+    fh = await fs.open(ino, os.O_RDONLY)
+    try:
+        out = bytearray()
+        offset = 0
+        while offset < size:
+            piece = await fs.read(fh, offset, step)
+            assert piece, f"short read at {offset}"
+            out += piece
+            offset += len(piece)
+        assert await fs.read(fh, size, step) == b""
+        return bytes(out)
+    finally:
+        fs.release(fh)
+
+
+def test_tree_matches_source(pushed):
+    src, repo, _store, snapshot_id, tmp = pushed
+
+    async def body(fs: SnapshotFS, source: ObjectSource):
+        root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+        assert stat.S_ISDIR(root.mode)
+        # Every regular file reads back byte for byte; attrs follow the source.
+        for dirpath, dirnames, filenames in os.walk(os.fsencode(src)):
+            rel_dir = os.path.relpath(dirpath, os.fsencode(src))
+            rel_dir = b"" if rel_dir == b"." else rel_dir
+            for name in filenames + dirnames:
+                local = os.path.join(dirpath, name)
+                ino, attr = await resolve(fs, root.ino, os.path.join(rel_dir, name))
+                st = os.lstat(local)
+                assert stat.S_IFMT(attr.mode) == stat.S_IFMT(st.st_mode), local
+                if stat.S_ISLNK(st.st_mode):
+                    assert await fs.readlink(ino) == os.readlink(local)
+                elif stat.S_ISREG(st.st_mode):
+                    assert attr.size == st.st_size
+                    assert bool(attr.mode & 0o100) == bool(st.st_mode & 0o100)
+                    assert attr.blocks == (st.st_size + 511) // 512
+                    with open(local, "rb") as f:
+                        assert await read_all(fs, ino, attr.size) == f.read(), local
+                else:
+                    subdirs = sum(1 for e in os.scandir(local) if e.is_dir(follow_symlinks=False))
+                    assert attr.nlink == 2 + subdirs
+        # readdir lists exactly the source's names, and each attr equals lookup's.
+        listed = await fs.readdir(root.ino, 0)
+        assert sorted(n for n, _, _ in listed) == sorted(os.listdir(os.fsencode(src)))
+        for name, attr, _ in listed:
+            assert (await fs.lookup(root.ino, name)).ino == attr.ino
+        # The same inode on every path to it; getattr agrees with lookup.
+        ino1, _ = await resolve(fs, root.ino, b"small files/img_003.jpg")
+        ino2, _ = await resolve(fs, root.ino, b"small files/img_003.jpg")
+        assert ino1 == ino2 and ino1 & INDEX_MASK
+        assert (await fs.getattr(ino1)).size == os.path.getsize(src / "small files" / "img_003.jpg")
+
+    run_fs(repo, tmp / "cache", body)
+
+
+def test_random_ranges_read_exact_bytes(pushed):
+    src, repo, _store, snapshot_id, tmp = pushed
+    data = (src / "large.bin").read_bytes()
+    rng = random.Random(5)
+
+    async def body(fs, source):
+        root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+        ino, attr = await resolve(fs, root.ino, b"large.bin")
+        fh = await fs.open(ino, os.O_RDONLY)
+        for _ in range(200):
+            offset = rng.randrange(0, len(data) + 10)
+            size = rng.choice([1, 4096, 131072, 1 << 20, 3 << 20])
+            assert await fs.read(fh, offset, size) == data[offset : offset + size]
+
+    run_fs(repo, tmp / "cache", body)
+
+
+def test_errors_are_errnos(pushed):
+    _src, repo, _store, snapshot_id, tmp = pushed
+
+    async def body(fs, source):
+        root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+        with pytest.raises(VfsError) as e:
+            await fs.lookup(root.ino, b"no-such-file")
+        assert e.value.errno == errno.ENOENT
+        with pytest.raises(VfsError) as e:
+            await fs.lookup(ROOT_INODE, b"0" * 64)
+        assert e.value.errno == errno.ENOENT
+        ino, _ = await resolve(fs, root.ino, b"medium.bin")
+        for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
+            with pytest.raises(VfsError) as e:
+                await fs.open(ino, flags)
+            assert e.value.errno == errno.EROFS
+        with pytest.raises(VfsError) as e:
+            await fs.lookup(ino, b"x")
+        assert e.value.errno == errno.ENOTDIR
+
+    run_fs(repo, tmp / "cache", body)
+
+
+def test_single_flight_one_fetch_for_many_readers(pushed):
+    _src, repo, store, snapshot_id, tmp = pushed
+
+    async def body(fs, source):
+        root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+        ino, attr = await resolve(fs, root.ino, b"medium.bin")
+        store.gets.clear()
+        misses_before = source.counters.misses
+        results = []
+
+        async def reader():
+            fh = await fs.open(ino, os.O_RDONLY)
+            results.append(await fs.read(fh, 0, attr.size))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(32):
+                nursery.start_soon(reader)
+        assert len(set(results)) == 1 and len(results[0]) == attr.size
+        chunk_gets = [k for k in store.gets if k.startswith("objects/")]
+        assert len(chunk_gets) == len(set(chunk_gets)), "a chunk was fetched twice"
+        assert source.counters.misses - misses_before == len(set(chunk_gets)) >= 1
+
+    run_fs(repo, tmp / "cache", body)
+
+
+def test_slow_fetch_does_not_block_ls_or_cached_reads(pushed):
+    _src, repo, store, snapshot_id, tmp = pushed
+
+    async def body(fs, source):
+        root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+        small_ino, small = await resolve(fs, root.ino, b"run.sh")
+        assert await read_all(fs, small_ino, small.size)  # now cached
+        large_ino, large = await resolve(fs, root.ino, b"large.bin")
+        fh = await fs.open(large_ino, os.O_RDONLY)
+        chunk_id = fs.handle(fh).chunks[0][0]
+        store.slow_keys.add(fmt.object_key(chunk_id))
+        store.delay = 2.0
+        timings = {}
+
+        async def slow_reader():
+            start = trio.current_time()
+            await fs.read(fh, 0, 4096)
+            timings["slow"] = trio.current_time() - start
+
+        async def fast_work():
+            await trio.sleep(0.1)  # let the slow fetch start first
+            start = trio.current_time()
+            for _ in range(50):
+                await fs.readdir(root.ino, 0)
+                await fs.lookup(root.ino, b"small files")
+                assert await read_all(fs, small_ino, small.size)
+            timings["fast"] = trio.current_time() - start
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow_reader)
+            nursery.start_soon(fast_work)
+        assert timings["slow"] >= 1.9
+        assert timings["fast"] < 0.5, timings
+
+    run_fs(repo, tmp / "cache", body)
+
+
+def test_corrupt_object_fails_only_that_file(pushed):
+    src, repo, store, snapshot_id, tmp = pushed
+
+    async def body(fs, source):
+        root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+        ino, attr = await resolve(fs, root.ino, b"medium.bin")
+        fh = await fs.open(ino, os.O_RDONLY)
+        chunk_id = fs.handle(fh).chunks[0][0]
+        path = Path(store.root) / fmt.object_key(chunk_id)
+        data = bytearray(path.read_bytes())
+        data[100] ^= 0xFF
+        path.write_bytes(bytes(data))
+        with pytest.raises(IntegrityError) as e:
+            await fs.read(fh, 0, 4096)
+        assert chunk_id in str(e.value)
+        assert source.counters.verify_failures == 1
+        # Nothing wrong was cached, and other files still read fine.
+        assert not os.path.exists(source.cache.path(chunk_id))
+        ok_ino, ok = await resolve(fs, root.ino, b"run.sh")
+        assert await read_all(fs, ok_ino, ok.size) == (src / "run.sh").read_bytes()
+
+    run_fs(repo, tmp / "cache", body)
+
+
+def test_missing_object_is_an_error_not_bytes(pushed):
+    _src, repo, store, snapshot_id, tmp = pushed
+
+    async def body(fs, source):
+        root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+        ino, _ = await resolve(fs, root.ino, b"medium.bin")
+        fh = await fs.open(ino, os.O_RDONLY)
+        os.unlink(Path(store.root) / fmt.object_key(fs.handle(fh).chunks[0][0]))
+        with pytest.raises(NotFoundError):
+            await fs.read(fh, 0, 10)
+
+    run_fs(repo, tmp / "cache", body)
+
+
+def test_cache_serves_with_store_gone(pushed):
+    src, repo, store, snapshot_id, tmp = pushed
+
+    async def read_everything(fs, source):
+        root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+        ino, attr = await resolve(fs, root.ino, b"large.bin")
+        return await read_all(fs, ino, attr.size)
+
+    assert run_fs(repo, tmp / "cache", read_everything) == (src / "large.bin").read_bytes()
+    os.rename(store.root, store.root + ".gone")
+    # A new process-equivalent (fresh ObjectSource, empty memory) reads from disk only.
+    assert run_fs(repo, tmp / "cache", read_everything) == (src / "large.bin").read_bytes()
+
+
+def test_eviction_keeps_cache_under_limit(tmp_path: Path):
+    cache = DiskCache(str(tmp_path / "cache"), max_bytes=10 << 20, fsync=False)
+    try:
+        blobs = [random.Random(i).randbytes(1 << 20) for i in range(30)]
+        from snapfs.hashing import hash_bytes
+
+        ids = [hash_bytes(b) for b in blobs]
+        for object_id, blob in zip(ids, blobs, strict=True):
+            assert cache.insert(object_id, blob)
+            total, _pinned, _n = cache.index.totals()
+            assert total <= 10 << 20
+        on_disk = sum(os.path.getsize(cache.path(i)) for i in ids if cache.has(i))
+        assert on_disk == cache.index.totals()[0]
+        assert cache.has(ids[-1]) and not cache.has(ids[0])  # LRU: oldest went first
+        with pytest.raises(IntegrityError):
+            cache.insert(ids[0], blobs[1])
+    finally:
+        cache.close()
+
+
+def test_pins_survive_eviction_and_bound_the_cache(tmp_path: Path):
+    from snapfs.hashing import hash_bytes
+
+    cache = DiskCache(str(tmp_path / "cache"), max_bytes=8 << 20, fsync=False)
+    try:
+        pinned = [random.Random(100 + i).randbytes(1 << 20) for i in range(6)]
+        for blob in pinned:
+            cache.insert(hash_bytes(blob), blob, pin="snap-a")
+        for i in range(10):
+            blob = random.Random(i).randbytes(1 << 20)
+            cache.insert(hash_bytes(blob), blob)
+        assert all(cache.has(hash_bytes(b)) for b in pinned)
+        more = [random.Random(200 + i).randbytes(1 << 20) for i in range(3)]
+        with pytest.raises(CacheFullError):
+            for blob in more:
+                cache.insert(hash_bytes(blob), blob, pin="snap-b")
+        assert cache.index.unpin("snap-a") == 6
+        cache.evict(8 << 20)
+        assert not any(cache.has(hash_bytes(b)) for b in pinned)
+    finally:
+        cache.close()
+
+
+def test_temp_files_are_swept(tmp_path: Path):
+    cache = DiskCache(str(tmp_path / "cache"))
+    try:
+        stale = Path(cache.objects_dir) / "ab" / ".tmp-123-456-abcdef"
+        stale.parent.mkdir(parents=True, exist_ok=True)
+        stale.write_bytes(b"torn")
+        old = time.time() - 3600
+        os.utime(stale, (old, old))
+        fresh = stale.with_name(".tmp-999-1-fresh")
+        fresh.write_bytes(b"being written by another process")
+        assert cache.sweep_temp() == 1
+        assert not stale.exists() and fresh.exists()
+    finally:
+        cache.close()
+
+
+def test_tree_lru_is_bounded(pushed):
+    _src, repo, _store, snapshot_id, tmp = pushed
+
+    async def body(fs, source):
+        fs.tree_cache_entries = 20
+        root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+        ino = root.ino
+        for level in range(12):
+            ino = (await fs.lookup(ino, f"d{level}".encode())).ino
+        await fs.readdir(ino, 0)
+        assert fs._tree_entries <= 20 or len(fs.trees) == 1
+        # Evicted trees come back transparently.
+        assert (await fs.lookup(root.ino, b"small files")).ino
+
+    run_fs(repo, tmp / "cache", body)
+
+
+def test_hostile_tree_gives_error_not_crash(tmp_path: Path):
+    """A tree object whose bytes hash to its key but whose content is hostile."""
+    store = LocalStore(str(tmp_path / "store"))
+    repo = Repo(store)
+    bad = fmt.TREE_MAGIC + bytes([1]) + (1).to_bytes(4, "big") + b"f\x00" + (2).to_bytes(2, "big") + b".."
+    from snapfs.hashing import hash_bytes
+
+    tree_id = hash_bytes(bad)
+    repo.put_object(bad, tree_id)
+
+    async def body(fs, source):
+        with pytest.raises(SnapfsError):
+            await fs.lookup(ROOT_INODE, tree_id.encode())
+
+    run_fs(repo, tmp_path / "cache", body)

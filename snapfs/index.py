@@ -13,6 +13,7 @@ Databases:
     pins     pin_name NUL object_id(32) -> b""       (what each pin holds)
     meta     b"total" -> u64 bytes indexed; b"pinned" -> u64 bytes pinned
     names    name -> snapshot_id (names never move, so they can be remembered offline)
+    snaps    snapshot_id -> u64 last time it was prewarmed or opened by a mount
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class CacheIndex:
         self.pins = self.env.open_db(b"pins")
         self.meta = self.env.open_db(b"meta")
         self.names = self.env.open_db(b"names")
+        self.snaps = self.env.open_db(b"snaps")
 
     def close(self) -> None:
         self.env.sync(True)
@@ -247,7 +249,17 @@ class CacheIndex:
             raw = txn.get(name.encode(), db=self.names)
         return raw.decode() if raw else None
 
+    # --- snapshots seen on this node ---------------------------------------
+
+    def remember_snapshot(self, snapshot_id: str) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(snapshot_id.encode(), _U64.pack(int(time.time())), db=self.snaps)
+
+    def known_snapshots(self) -> dict[str, int]:
+        with self.env.begin() as txn:
+            return {k.decode(): _U64.unpack(v)[0] for k, v in txn.cursor(db=self.snaps)}
+
     def clear(self) -> None:
         with self.env.begin(write=True) as txn:
-            for db in (self.objects, self.lru, self.pins, self.meta):
+            for db in (self.objects, self.lru, self.pins, self.meta, self.snaps):
                 txn.drop(db, delete=False)

@@ -296,6 +296,10 @@ class SnapshotFS:
         )
         self.snapshots.setdefault(snapshot_id, ino >> SLOT_SHIFT)
         log.info("opened snapshot %s", snapshot_id)
+        # For `snapfs cache stats`: which snapshots this node's cache serves.
+        await trio.to_thread.run_sync(
+            self.source.cache.index.remember_snapshot, snapshot_id, limiter=self.source.write_limiter
+        )
         return ino
 
     async def _lookup_root(self, name: bytes) -> Attr:

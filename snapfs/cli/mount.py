@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from .. import daemon
 from ..paths import default_cache_dir
@@ -79,7 +80,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         mountpoint=args.mountpoint,
         store_url=args.store,
         endpoint_url=args.endpoint_url,
-        cache_dir=args.cache or default_cache_dir(),
+        # Absolute: the daemon chdirs to / after forking.
+        cache_dir=os.path.abspath(args.cache or default_cache_dir()),
         cache_size=parse_size(args.cache_size) if args.cache_size else None,
         allow_other=args.allow_other,
         foreground=args.foreground,
@@ -87,7 +89,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         max_read=args.max_read,
         metrics_port=args.metrics_port,
         metrics_addr=args.metrics_addr,
-        log_file=args.log_file,
+        log_file=os.path.abspath(args.log_file) if args.log_file else None,
         fsync=not args.no_fsync,
     )
     return daemon.mount(config)

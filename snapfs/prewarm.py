@@ -1,0 +1,239 @@
+"""Prewarm: fill a node's cache with a snapshot (or some paths of it) before a job.
+
+A batch job, so it uses plain worker threads (no trio loop to protect): each
+worker fetches an object, verifies it against its ID, and writes it into the
+same DiskCache the mount daemon uses (temp -> fsync -> rename -> LMDB). The
+daemon and any number of prewarms can run on one cache at once.
+
+Resumable by construction: objects already in the cache are skipped, so an
+interrupted prewarm picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from . import format as fmt
+from .cache import DiskCache
+from .errors import CacheFullError, NotFoundError, SnapfsError
+from .format import Entry
+from .repo import Repo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrewarmPlan:
+    snapshot_id: str
+    trees: int = 0
+    objects: dict[str, int] = field(default_factory=dict)  # object_id -> size, chunks and chunk lists
+    missing: dict[str, int] = field(default_factory=dict)  # not yet cached
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.objects.values())
+
+    @property
+    def missing_bytes(self) -> int:
+        return sum(self.missing.values())
+
+
+@dataclass
+class PrewarmResult:
+    snapshot_id: str
+    objects: int = 0
+    bytes_total: int = 0
+    already_cached_objects: int = 0
+    already_cached_bytes: int = 0
+    fetched_objects: int = 0
+    fetched_bytes: int = 0
+    failed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    pinned: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def as_dict(self) -> dict:
+        out = dict(self.__dict__)
+        out["ok"] = self.ok
+        out["failed"] = self.failed[:100]
+        out["failed_count"] = len(self.failed)
+        out["rate_bytes_per_second"] = round(self.fetched_bytes / self.seconds) if self.seconds else 0
+        return out
+
+
+def _tree_data(repo: Repo, cache: DiskCache, tree_id: str, pin: str | None, what: str) -> bytes:
+    """A tree's verified bytes, from the cache or the store (and then cached)."""
+    data = cache.read(tree_id)
+    if data is None:
+        data = repo.get_object(tree_id, what)
+        cache.insert(tree_id, data, pin=pin, verified=True)
+    elif pin is not None:
+        cache.index.add(tree_id, len(data), pin=pin)
+    return data
+
+
+def plan(
+    repo: Repo,
+    cache: DiskCache,
+    snapshot_id: str,
+    paths: list[str] | None = None,
+    *,
+    pin: str | None = None,
+    jobs: int = 16,
+) -> PrewarmPlan:
+    """Walk the snapshot's trees (caching them), listing every object under ``paths``."""
+    result = PrewarmPlan(snapshot_id)
+    starts: list[tuple[str | None, Entry | None, bytes]] = []
+    if paths:
+        for path in paths:
+            entry = repo.lookup_path(snapshot_id, path) if path.strip("/") else None
+            starts.append((snapshot_id if entry is None else None, entry, path.encode()))
+    else:
+        starts.append((snapshot_id, None, b""))
+
+    files: list[Entry] = []
+    level: list[tuple[str, bytes]] = []
+    seen_trees: set[str] = set()
+    for tree_id, entry, path in starts:
+        if entry is not None and entry.is_dir:
+            tree_id = entry.tree_id
+        if tree_id is not None:
+            if tree_id not in seen_trees:
+                seen_trees.add(tree_id)
+                level.append((tree_id, path))
+        elif entry is not None and entry.is_file:
+            files.append(entry)
+    # The trees on the way down to the given paths are cached too: the mount needs them.
+    if paths:
+        for path in paths:
+            parts = [p for p in path.encode().split(b"/") if p]
+            tree_id = snapshot_id
+            for depth in range(len(parts)):
+                entries = fmt.decode_tree(_tree_data(repo, cache, tree_id, pin, "tree"))
+                nxt = next((e for e in entries if e.name == parts[depth]), None)
+                if nxt is None or not nxt.is_dir:
+                    break
+                tree_id = nxt.tree_id  # type: ignore[assignment]
+
+    def load(item: tuple[str, bytes]) -> list[Entry]:
+        tree_id, path = item
+        data = _tree_data(repo, cache, tree_id, pin, f"tree (/{path.decode(errors='replace')})")
+        result.objects[tree_id] = len(data)
+        return fmt.decode_tree(data, f"tree {tree_id}")
+
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="snapfs-plan") as pool:
+        while level:
+            next_level: list[tuple[str, bytes]] = []
+            for (_tree_id, path), entries in zip(level, pool.map(load, level), strict=True):
+                result.trees += 1
+                for entry in entries:
+                    if entry.is_dir and entry.tree_id not in seen_trees:
+                        seen_trees.add(entry.tree_id)  # type: ignore[arg-type]
+                        next_level.append((entry.tree_id, path + b"/" + entry.name))  # type: ignore[arg-type]
+                    elif entry.is_file:
+                        files.append(entry)
+            level = next_level
+
+        def chunks_of(entry: Entry) -> list[tuple[str, int]]:
+            if entry.chunklist_id is None:
+                return list(entry.chunks)
+            data = cache.read(entry.chunklist_id)
+            if data is None:
+                data = repo.get_object(entry.chunklist_id, "chunk list")
+                cache.insert(entry.chunklist_id, data, pin=pin, verified=True)
+            result.objects[entry.chunklist_id] = len(data)
+            return list(fmt.decode_chunklist(data, entry.chunk_count, entry.size))
+
+        for chunks in pool.map(chunks_of, files):
+            for chunk_id, length in chunks:
+                result.objects[chunk_id] = length
+
+    cached = cache.index.contains_many(result.objects)
+    # The index is the fast path; a file present without an index entry (a crash
+    # between rename and index write) still counts as cached.
+    result.missing = {
+        oid: size for oid, size in result.objects.items() if oid not in cached and not cache.has(oid)
+    }
+    return result
+
+
+def prewarm(
+    repo: Repo,
+    cache: DiskCache,
+    snapshot_id: str,
+    paths: list[str] | None = None,
+    *,
+    jobs: int = 32,
+    pin: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    on_plan: Callable[[PrewarmPlan], None] | None = None,
+) -> PrewarmResult:
+    """Fetch every object of the snapshot (under ``paths``) into the cache.
+
+    ``progress(bytes, objects)`` is called as objects land. Raises CacheFullError
+    before fetching anything if the objects cannot fit beside the existing pins.
+    """
+    started = time.monotonic()
+    pin_name = snapshot_id if pin else None
+    # Plan without pinning: a prewarm refused for lack of room must leave no pins behind.
+    the_plan = plan(repo, cache, snapshot_id, paths, jobs=min(jobs, 32))
+    if on_plan:
+        on_plan(the_plan)
+    result = PrewarmResult(snapshot_id, pinned=pin)
+    result.objects = len(the_plan.objects)
+    result.bytes_total = the_plan.total_bytes
+    result.already_cached_objects = len(the_plan.objects) - len(the_plan.missing)
+    result.already_cached_bytes = the_plan.total_bytes - the_plan.missing_bytes
+
+    if cache.max_bytes is not None:
+        _total, pinned, _n = cache.index.totals()
+        needed = the_plan.total_bytes if pin else the_plan.missing_bytes
+        if pinned + needed > cache.max_bytes:
+            raise CacheFullError(
+                f"snapshot {snapshot_id[:12]} needs {needed} bytes but the cache holds {cache.max_bytes} "
+                f"with {pinned} already pinned; raise --cache-size or unpin something (snapfs cache unpin REF)"
+            )
+    if pin:
+        # Pin what is already there first, so eviction cannot take it while we fetch the rest.
+        present = [(oid, size) for oid, size in the_plan.objects.items() if oid not in the_plan.missing]
+        for i in range(0, len(present), 10_000):
+            cache.index.add_many(present[i : i + 10_000], pin=pin_name)
+
+    lock = threading.Lock()
+
+    def fetch(item: tuple[str, int]) -> None:
+        object_id, size = item
+        try:
+            data = repo.get_object(object_id, "chunk")
+            if len(data) != size:
+                raise SnapfsError(f"chunk {object_id} is {len(data)} bytes, the tree says {size}")
+            if not cache.insert(object_id, data, pin=pin_name, verified=True):
+                raise SnapfsError(f"could not write object {object_id} to the cache {cache.directory}")
+        except (NotFoundError, SnapfsError) as exc:
+            log.error("prewarm of %s: %s", snapshot_id, exc)
+            with lock:
+                result.failed.append(f"{object_id}: {exc}")
+            return
+        with lock:
+            result.fetched_objects += 1
+            result.fetched_bytes += size
+        if progress:
+            progress(size, 1)
+
+    # Largest first keeps every connection busy to the end instead of ending on one big object.
+    items = sorted(the_plan.missing.items(), key=lambda kv: -kv[1])
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="snapfs-prewarm") as pool:
+        for _ in pool.map(fetch, items):
+            pass
+    cache.flush_touches()
+    cache.index.remember_snapshot(snapshot_id)
+    result.seconds = time.monotonic() - started
+    return result

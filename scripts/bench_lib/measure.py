@@ -1,0 +1,102 @@
+"""The one read procedure every filesystem goes through, native disk included.
+
+Same files, same order, same readers for every tool, so the numbers compare:
+
+1. ``find`` and ``ls -lR`` over the tree, each after a page-cache drop;
+2. large shards: cold (page cache dropped, tool cache empty), warm (straight
+   again), and, for tools with a local disk cache, "cache" (page cache dropped,
+   the tool's disk cache kept);
+3. small files, cold: 1 reader over one half of the directories, then 8 readers
+   over the other half, so both start cold without a remount;
+4. small files, warm: all files with 1 and with 8 readers; "cache" as above.
+
+Call it on a freshly mounted tree whose tool cache is empty.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from .common import MB, Results, drop_caches, tree_stats
+from .data import DataSet
+from .readers import read_parallel, shuffled, time_command
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ReadConfig:
+    large_readers: int = 4
+    small_readers: int = 8
+    timeout: float = 900
+
+
+def _paths(root: Path, rels: list[str]) -> list[str]:
+    return [str(root / rel) for rel in rels]
+
+
+def _large(root: Path, ds: DataSet, cfg: ReadConfig) -> float:
+    rels = ds.rel(ds.large)
+    elapsed, nbytes = read_parallel(_paths(root, rels), cfg.large_readers, cfg.timeout)
+    expected = ds.large_bytes
+    if nbytes != expected:
+        raise RuntimeError(f"read {nbytes} bytes of large files, expected {expected}")
+    return nbytes / elapsed / MB
+
+
+def _small(root: Path, rels: list[str], readers: int, cfg: ReadConfig) -> float:
+    elapsed, _ = read_parallel(_paths(root, shuffled(rels)), readers, cfg.timeout)
+    return len(rels) / elapsed
+
+
+def measure_tree(
+    results: Results,
+    tool: str,
+    root: Path,
+    ds: DataSet,
+    cfg: ReadConfig,
+    *,
+    has_cache: bool = False,
+    pids: Callable[[], list[int]] | None = None,
+) -> None:
+    """Run the read procedure on ``root`` (a view of ``ds.root``) and record it as ``tool``."""
+    drop_caches()
+    results.add(tool, "find_s", time_command(["find", str(root)], cfg.timeout), "s")
+    drop_caches()
+    results.add(tool, "lslR_s", time_command(["ls", "-lR", str(root)], cfg.timeout), "s")
+
+    drop_caches()
+    results.add(tool, "large_cold", _large(root, ds, cfg), "MB/s", f"{cfg.large_readers} readers")
+    results.add(tool, "large_warm", _large(root, ds, cfg), "MB/s", f"{cfg.large_readers} readers")
+    if has_cache:
+        drop_caches()
+        results.add(tool, "large_cache", _large(root, ds, cfg), "MB/s", "page cache dropped, tool cache kept")
+
+    half_a, half_b = ds.small_halves()
+    every = ds.rel(ds.small)
+    n = cfg.small_readers
+    drop_caches()
+    results.add(tool, "small_cold_1r", _small(root, half_a, 1, cfg), "files/s")
+    drop_caches()
+    results.add(tool, f"small_cold_{n}r", _small(root, half_b, n, cfg), "files/s")
+    results.add(tool, "small_warm_1r", _small(root, every, 1, cfg), "files/s")
+    results.add(tool, f"small_warm_{n}r", _small(root, every, n, cfg), "files/s")
+    if has_cache:
+        drop_caches()
+        results.add(tool, f"small_cache_{n}r", _small(root, every, n, cfg), "files/s", "page cache dropped")
+
+    if pids is not None:
+        record_daemon(results, tool, pids())
+
+
+def record_daemon(results: Results, tool: str, pids: list[int]) -> None:
+    if not pids:
+        results.fail(tool, "daemon stats", "daemon pid not found")
+        return
+    rss, hwm, cpu = tree_stats(pids)
+    results.add(tool, "rss_mb", rss, "MB", "daemon RSS after the reads")
+    results.add(tool, "rss_peak_mb", hwm, "MB")
+    results.add(tool, "cpu_s", cpu, "s", "daemon CPU seconds, mount to end of reads")

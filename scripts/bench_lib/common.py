@@ -200,6 +200,21 @@ def lazy_umount(path: str | os.PathLike[str]) -> None:
                 return
 
 
+def _own_group(proc: subprocess.Popen[bytes]) -> bool:
+    try:
+        return os.getpgid(proc.pid) == proc.pid
+    except ProcessLookupError:
+        return False
+
+
+def _signal(proc: subprocess.Popen[bytes], sig: int, group: bool) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if group:
+            os.killpg(proc.pid, sig)
+        elif proc.poll() is None:
+            proc.send_signal(sig)
+
+
 class Cleanup:
     """Mounts and processes to tear down at exit, newest first.
 
@@ -218,6 +233,8 @@ class Cleanup:
 
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, _raise)
+        # Ctrl-C must reach us even when started from a shell that ignores SIGINT.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def mount(self, path: str | os.PathLike[str]) -> None:
         self._mounts.append(Path(path))
@@ -229,17 +246,21 @@ class Cleanup:
         self._callbacks.append(fn)
 
     def stop_process(self, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
-        """Terminate one process we started (by its pid only), then kill it if it lingers."""
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
+        """Terminate one process we started, and its process group, then kill what lingers.
+
+        Daemons are started in their own session, so their group holds exactly
+        what they forked (JuiceFS runs its FUSE server as a child) and nothing else.
+        """
+        own_group = _own_group(proc)
+        if proc.poll() is None or own_group:
+            _signal(proc, signal.SIGTERM, own_group)
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=5)
+                pass
+            _signal(proc, signal.SIGKILL, own_group)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
         if proc in self._procs:
             self._procs.remove(proc)
 
@@ -258,6 +279,13 @@ class Cleanup:
 
 
 CLEANUP = Cleanup()
+
+
+def worker_signals() -> None:
+    """In a forked worker: leave Ctrl-C and cleanup to the parent, die quietly on SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 @contextlib.contextmanager

@@ -22,6 +22,8 @@ import time
 from multiprocessing import get_context
 from pathlib import Path
 
+from .common import worker_signals
+
 log = logging.getLogger(__name__)
 
 KiB = 1024
@@ -141,7 +143,7 @@ def generate(workdir: Path, size: str) -> DataSet:
     jobs: list[tuple[str, int, list[int], int]] = []
     for d in range(spec["dirs"]):
         jobs.append((str(root), d, list(range(d, spec["files"], spec["dirs"])), spec["file_bytes"]))
-    with get_context("fork").Pool(os.cpu_count() or 2) as pool:
+    with get_context("fork").Pool(os.cpu_count() or 2, initializer=worker_signals) as pool:
         shard_jobs = pool.starmap_async(
             _write_shard, [(str(p), f"shard-{i}", spec["shard_bytes"]) for i, p in enumerate(large)]
         )
@@ -229,7 +231,7 @@ def generate_scale(workdir: Path, dirs: int = 1000, files: int = 1000) -> Path:
     if root.exists():
         shutil.rmtree(root)
     start = time.monotonic()
-    with get_context("fork").Pool(os.cpu_count() or 2) as pool:
+    with get_context("fork").Pool(os.cpu_count() or 2, initializer=worker_signals) as pool:
         pool.map(_write_scale_dir, [(str(root), d, files) for d in range(dirs)], chunksize=8)
     stamp_path.write_text(json.dumps(stamp))
     log.info("scale: generated %d files in %.1f s", dirs * files, time.monotonic() - start)

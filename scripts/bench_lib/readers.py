@@ -18,12 +18,15 @@ from multiprocessing import get_context
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from .common import worker_signals
+
 log = logging.getLogger(__name__)
 
 READ_SIZE = 1024 * 1024
 
 
 def _worker(paths: list[str], ready: Connection, go: Connection, out: Connection) -> None:
+    worker_signals()
     buf = bytearray(READ_SIZE)
     view = memoryview(buf)
     total = 0

@@ -27,6 +27,7 @@ from . import format as fmt
 from .errors import DestinationError, IntegrityError, NotFoundError, SnapfsError, UsageError
 from .format import ChunkRef, Entry
 from .hashing import hash_bytes, is_object_id
+from .locks import PushLock
 from .paths import pull_state_dir
 from .repo import Repo, content_id
 from .scan import ScanResult, scan
@@ -88,14 +89,14 @@ def _read_chunk(path: bytes, offset: int, length: int, chunk_id: str) -> bytes:
     return data
 
 
-def upload(
+def _upload_objects(
     repo: Repo,
     scanned: ScanResult,
     *,
     jobs: int | None = None,
     progress: Progress = None,
 ) -> PushResult:
-    """Upload what the store lacks of a scanned tree, bottom-up, then mark the snapshot."""
+    """Upload what the store lacks of a scanned tree, bottom-up (everything but the marker)."""
     result = PushResult(scanned.root_id, scanned.files, scanned.dirs, scanned.total_bytes)
     result.skipped_special = scanned.skipped
     counter = _Counter()
@@ -170,13 +171,36 @@ def upload(
             for _ in pool.map(lambda blob: counter.add(repo.put_object(blob), len(blob)), batch):
                 pass
 
-    # 4. Only now can anyone see it.
-    repo.mark_snapshot(scanned.root_id)
     result.uploaded_bytes = counter.uploaded_bytes
     result.uploaded_objects = counter.uploaded_objects
     result.present_bytes = counter.present_bytes
     result.present_objects = counter.present_objects
     return result
+
+
+def upload(
+    repo: Repo,
+    scanned: ScanResult,
+    *,
+    jobs: int | None = None,
+    progress: Progress = None,
+) -> PushResult:
+    """Upload what the store lacks of a scanned tree, bottom-up, then mark the snapshot.
+
+    Runs under a push lock (snapfs.locks): a present object that this push skips
+    cannot be deleted by a concurrent gc before the marker makes it reachable.
+    If the lock lapsed (this process stalled past the stale timeout), the upload
+    is checked again under a new lock before anything is marked.
+    """
+    for _attempt in (1, 2):
+        with PushLock(repo.store) as lock:
+            result = _upload_objects(repo, scanned, jobs=jobs, progress=progress)
+            if lock.held():
+                # 4. Only now can anyone see it.
+                repo.mark_snapshot(scanned.root_id)
+                return result
+        log.warning("push lock on %s lapsed during the upload; checking the upload again", repo.url)
+    raise SnapfsError(f"push lock on {repo.url} lapsed twice; nothing was marked, push again")
 
 
 def push(

@@ -7,12 +7,27 @@ The Python API mirrors the CLI::
     snapshot_id = snapfs.push("./data", store="s3://bucket/snaps")
     snapfs.pull(snapshot_id, "./copy", store="s3://bucket/snaps")
     repo = snapfs.open_store("s3://bucket/snaps")
+    snapfs.push("./data", store=repo, name="imagenet@1.2.0", tags=["release"])
+    snapfs.record_run(inputs=["imagenet@1.2.0"], outputs="./ckpt", meta={"accuracy": 0.89}, store=repo)
+    snapfs.ancestors("resnet@1", store=repo)
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import id, open_store, pull, push  # noqa: E402,F401,A004
+from .api import ancestors, id, log, open_store, pull, push, record_run, resolve, show, tag  # noqa: E402,F401,A004  # noqa: E402,F401
 
-__all__ = ["id", "push", "pull", "open_store", "__version__"]
+__all__ = [
+    "id",
+    "push",
+    "pull",
+    "open_store",
+    "resolve",
+    "log",
+    "show",
+    "ancestors",
+    "tag",
+    "record_run",
+    "__version__",
+]

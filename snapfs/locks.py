@@ -180,7 +180,9 @@ class _Lock:
             self._thread.join()
             self._thread = None
         try:
-            if self._is_ours():
+            # A push lock's key is unique to its holder; the gc lock's key is
+            # shared, so it is removed only if it still holds our token.
+            if self.key != GC_LOCK_KEY or self._is_ours():
                 self.store.delete(self.key)
         except StoreUnavailableError as exc:
             log.warning("cannot remove %s from %s (it will expire): %s", self.key, self.store.url, exc)

@@ -69,7 +69,9 @@ def register(subparsers, common) -> None:
     )
     group.add_argument("--parent", action="append", metavar="REF", help="previous version (repeatable)")
     group.add_argument("--no-parent", action="store_true", help="record no parent, even for SERIES@VERSION")
-    group.add_argument("--input", action="append", default=[], metavar="REF", help="data this was made from")
+    group.add_argument(
+        "--input", action="append", default=[], metavar="REF", help="data this was made from (repeatable)"
+    )
     group.add_argument(
         "--meta",
         action="append",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import stat
 import struct
 from pathlib import Path
@@ -535,3 +536,37 @@ def test_decode_record_arbitrary_bytes(data: bytes) -> None:
     except FormatError:
         return
     assert record["format"] == fmt.RECORD_FORMAT
+
+
+# --- docs/FORMAT.md quotes the code's own vectors ------------------------------------
+
+
+def test_format_md_quotes_the_golden_vectors() -> None:
+    """The spec's worked example and vectors must be the ones the code produces."""
+    doc = (Path(__file__).parents[1] / "docs" / "FORMAT.md").read_text()
+    blocks = re.findall(r"```\n(.*?)```", doc, re.S)
+
+    def annotated_hex(block: str) -> str:
+        # Hex tokens before the two-space gap that starts each annotation.
+        return "".join(
+            token
+            for line in block.splitlines()
+            for token in re.split(r"\s{2,}", line.strip())[0].split()
+            if re.fullmatch(r"[0-9a-f]+", token)
+        )
+
+    dumps = [annotated_hex(b) for b in blocks if b.startswith("534e415054524545 01")]
+    assert dumps == [BIN_TREE_HEX, EXAMPLE_ROOT_HEX]
+    one_string = next(b for b in blocks if b.replace("\n", "").startswith(EXAMPLE_ROOT_HEX[:60]))
+    assert one_string.replace("\n", "") == EXAMPLE_ROOT_HEX
+    for vector in (
+        EXAMPLE_ID,
+        BIN_TREE_ID,
+        EMPTY_TREE_ID,
+        EMPTY_TREE_HEX,
+        EMPTY_FILE_CONTENT_ID,
+        HELLO_ID,
+        RUN_SH_ID,
+    ):
+        assert vector in doc, vector
+    assert "(0, 1587404) (1587404, 1421755)" in doc and "(16335861, 441355)" in doc

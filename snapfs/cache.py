@@ -157,28 +157,35 @@ class DiskCache:
 
     def make_room(self, incoming: int) -> None:
         assert self.max_bytes is not None
-        total, pinned, _ = self.index.totals()
-        if total + incoming <= self.max_bytes:
-            return
-        if pinned + incoming > self.max_bytes:
-            raise CacheFullError(
-                f"cache {self.directory} is full of pinned objects ({pinned} of {self.max_bytes} bytes)"
-            )
-        self.evict(total + incoming - int(self.max_bytes * _LOW_WATERMARK))
+        # The totals are read under the eviction lock: many writer threads that
+        # find the cache full at once must not each evict the whole excess (that
+        # emptied the cache down to a fraction of its limit, new objects included).
+        with self._evict_lock:
+            total, pinned, _ = self.index.totals()
+            if total + incoming <= self.max_bytes:
+                return
+            if pinned + incoming > self.max_bytes:
+                raise CacheFullError(
+                    f"cache {self.directory} is full of pinned objects ({pinned} of {self.max_bytes} bytes)"
+                )
+            self._evict_locked(total + incoming - int(self.max_bytes * _LOW_WATERMARK))
 
     def evict(self, bytes_needed: int) -> int:
         """Delete least-recently-used unpinned objects; returns bytes freed."""
+        with self._evict_lock:
+            return self._evict_locked(bytes_needed)
+
+    def _evict_locked(self, bytes_needed: int) -> int:
         if bytes_needed <= 0:
             return 0
-        with self._evict_lock:
-            self.flush_touches()
-            victims = self.index.eviction_candidates(bytes_needed)
-            for object_id, _size in victims:
-                try:
-                    os.unlink(self.path(object_id))
-                except FileNotFoundError:
-                    pass
-            freed = self.index.remove_many(oid for oid, _ in victims)
+        self.flush_touches()
+        victims = self.index.eviction_candidates(bytes_needed)
+        for object_id, _size in victims:
+            try:
+                os.unlink(self.path(object_id))
+            except FileNotFoundError:
+                pass
+        freed = self.index.remove_many(oid for oid, _ in victims)
         if freed:
             log.info("evicted %d objects (%d bytes) from %s", len(victims), freed, self.directory)
         return freed

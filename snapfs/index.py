@@ -230,6 +230,16 @@ class CacheIndex:
                 released += 1
         return released
 
+    def pinned_subset(self, object_ids: Iterable[str]) -> set[str]:
+        """Those of ``object_ids`` that some pin holds."""
+        with self.env.begin() as txn:
+            out = set()
+            for object_id in object_ids:
+                raw = txn.get(_key(object_id), db=self.objects)
+                if raw is not None and _OBJ.unpack(raw)[2]:
+                    out.add(object_id)
+            return out
+
     def pin_names(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         with self.env.begin() as txn:

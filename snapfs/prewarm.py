@@ -31,8 +31,11 @@ log = logging.getLogger(__name__)
 class PrewarmPlan:
     snapshot_id: str
     trees: int = 0
-    objects: dict[str, int] = field(default_factory=dict)  # object_id -> size, chunks and chunk lists
+    objects: dict[str, int] = field(default_factory=dict)  # object_id -> size: trees, chunk lists, chunks
     missing: dict[str, int] = field(default_factory=dict)  # not yet cached
+    # Trees and chunk lists planning itself had to fetch from the store: a
+    # prewarm reports them as fetched, not as already cached.
+    fetched: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -69,12 +72,23 @@ class PrewarmResult:
         return out
 
 
-def _tree_data(repo: Repo, cache: DiskCache, tree_id: str, pin: str | None, what: str) -> bytes:
-    """A tree's verified bytes, from the cache or the store (and then cached)."""
+def _tree_data(
+    repo: Repo,
+    cache: DiskCache,
+    tree_id: str,
+    pin: str | None,
+    what: str,
+    fetched: dict[str, int],
+    store: bool = True,
+) -> bytes:
+    """A tree's (or chunk list's) verified bytes, from the cache or the store (and
+    then cached, unless ``store`` is False); store fetches are noted in ``fetched``."""
     data = cache.read(tree_id)
     if data is None:
         data = repo.get_object(tree_id, what)
-        cache.insert(tree_id, data, pin=pin, verified=True)
+        fetched[tree_id] = len(data)
+        if store:
+            cache.insert(tree_id, data, pin=pin, verified=True)
     elif pin is not None:
         cache.index.add(tree_id, len(data), pin=pin)
     return data
@@ -88,9 +102,15 @@ def plan(
     *,
     pin: str | None = None,
     jobs: int = 16,
+    store_trees: bool = True,
 ) -> PrewarmPlan:
-    """Walk the snapshot's trees (caching them), listing every object under ``paths``."""
+    """Walk the snapshot's trees (caching them), listing every object under ``paths``.
+
+    With ``store_trees=False`` (``snapfs cache stats``) trees missing from the
+    cache are read from the store but not added, so the cache is not changed.
+    """
     result = PrewarmPlan(snapshot_id)
+    fetched = result.fetched
     starts: list[tuple[str | None, Entry | None, bytes]] = []
     if paths:
         for path in paths:
@@ -111,13 +131,16 @@ def plan(
                 level.append((tree_id, path))
         elif entry is not None and entry.is_file:
             files.append(entry)
-    # The trees on the way down to the given paths are cached too: the mount needs them.
+    # The trees on the way down to the given paths are cached too: the mount needs
+    # them. They are part of the plan, so they are counted and pinned with the rest.
     if paths:
         for path in paths:
             parts = [p for p in path.encode().split(b"/") if p]
             tree_id = snapshot_id
             for depth in range(len(parts)):
-                entries = fmt.decode_tree(_tree_data(repo, cache, tree_id, pin, "tree"))
+                data = _tree_data(repo, cache, tree_id, pin, "tree", fetched, store_trees)
+                result.objects[tree_id] = len(data)
+                entries = fmt.decode_tree(data)
                 nxt = next((e for e in entries if e.name == parts[depth]), None)
                 if nxt is None or not nxt.is_dir:
                     break
@@ -125,7 +148,9 @@ def plan(
 
     def load(item: tuple[str, bytes]) -> list[Entry]:
         tree_id, path = item
-        data = _tree_data(repo, cache, tree_id, pin, f"tree (/{path.decode(errors='replace')})")
+        data = _tree_data(
+            repo, cache, tree_id, pin, f"tree (/{path.decode(errors='replace')})", fetched, store_trees
+        )
         result.objects[tree_id] = len(data)
         return fmt.decode_tree(data, f"tree {tree_id}")
 
@@ -145,10 +170,7 @@ def plan(
         def chunks_of(entry: Entry) -> list[tuple[str, int]]:
             if entry.chunklist_id is None:
                 return list(entry.chunks)
-            data = cache.read(entry.chunklist_id)
-            if data is None:
-                data = repo.get_object(entry.chunklist_id, "chunk list")
-                cache.insert(entry.chunklist_id, data, pin=pin, verified=True)
+            data = _tree_data(repo, cache, entry.chunklist_id, pin, "chunk list", fetched, store_trees)
             result.objects[entry.chunklist_id] = len(data)
             return list(fmt.decode_chunklist(data, entry.chunk_count, entry.size))
 
@@ -156,12 +178,19 @@ def plan(
             for chunk_id, length in chunks:
                 result.objects[chunk_id] = length
 
-    cached = cache.index.contains_many(result.objects)
-    # The index is the fast path; a file present without an index entry (a crash
-    # between rename and index write) still counts as cached.
-    result.missing = {
-        oid: size for oid, size in result.objects.items() if oid not in cached and not cache.has(oid)
-    }
+    # The files are the truth, not the index: a file deleted behind the index's
+    # back (an operator's rm, a disk error) must be fetched again, or the mount
+    # would miss it after a "complete" prewarm. One stat per object is cheap
+    # next to a fetch.
+    result.missing = {oid: size for oid, size in result.objects.items() if not cache.has(oid)}
+    if store_trees:
+        # A file present without an index entry (a crash between rename and index
+        # write) is adopted, so eviction and the totals see it.
+        indexed = cache.index.contains_many(result.objects)
+        unindexed = [(oid, size) for oid, size in result.objects.items() if oid not in indexed]
+        present = [(oid, size) for oid, size in unindexed if oid not in result.missing]
+        if present:
+            cache.index.add_many(present)
     return result
 
 
@@ -190,22 +219,37 @@ def prewarm(
     result = PrewarmResult(snapshot_id, pinned=pin)
     result.objects = len(the_plan.objects)
     result.bytes_total = the_plan.total_bytes
-    result.already_cached_objects = len(the_plan.objects) - len(the_plan.missing)
-    result.already_cached_bytes = the_plan.total_bytes - the_plan.missing_bytes
+    planned_fetch_bytes = sum(the_plan.fetched.values())
+    result.fetched_objects = len(the_plan.fetched)
+    result.fetched_bytes = planned_fetch_bytes
+    result.already_cached_objects = len(the_plan.objects) - len(the_plan.missing) - len(the_plan.fetched)
+    result.already_cached_bytes = the_plan.total_bytes - the_plan.missing_bytes - planned_fetch_bytes
 
     if cache.max_bytes is not None:
         _total, pinned, _n = cache.index.totals()
-        needed = the_plan.total_bytes if pin else the_plan.missing_bytes
+        if pin:
+            # Objects already pinned (by an earlier run of this prewarm, or by another
+            # snapshot sharing them) take no new room: rerunning a pinned prewarm
+            # must not fail for lack of space.
+            already = cache.index.pinned_subset(the_plan.objects)
+            needed = sum(size for oid, size in the_plan.objects.items() if oid not in already)
+        else:
+            needed = the_plan.missing_bytes
         if pinned + needed > cache.max_bytes:
             raise CacheFullError(
                 f"snapshot {snapshot_id[:12]} needs {needed} bytes but the cache holds {cache.max_bytes} "
                 f"with {pinned} already pinned; raise --cache-size or unpin something (snapfs cache unpin REF)"
             )
-    if pin:
-        # Pin what is already there first, so eviction cannot take it while we fetch the rest.
-        present = [(oid, size) for oid, size in the_plan.objects.items() if oid not in the_plan.missing]
-        for i in range(0, len(present), 10_000):
+    # Protect what is already there while we fetch the rest: pinned, or at least
+    # made the youngest in the LRU. Otherwise the room made for the missing
+    # objects could be taken from this very snapshot's cached ones (the reads
+    # above are only batched as touches, flushed at the end).
+    present = [(oid, size) for oid, size in the_plan.objects.items() if oid not in the_plan.missing]
+    for i in range(0, len(present), 10_000):
+        if pin:
             cache.index.add_many(present[i : i + 10_000], pin=pin_name)
+        else:
+            cache.index.touch_many(oid for oid, _size in present[i : i + 10_000])
 
     lock = threading.Lock()
 

@@ -189,7 +189,8 @@ def _stats(args: argparse.Namespace, cache: DiskCache) -> int:
         row = {"snapshot": snapshot_id, "last_used": last_used, "pinned_objects": pins.get(snapshot_id, 0)}
         try:
             repo = repo or open_repo(args)
-            plan = prewarm_mod.plan(repo, cache, snapshot_id)
+            # store_trees=False: a report must not change what it reports on.
+            plan = prewarm_mod.plan(repo, cache, snapshot_id, store_trees=False)
             row.update(
                 total_bytes=plan.total_bytes,
                 cached_bytes=plan.total_bytes - plan.missing_bytes,

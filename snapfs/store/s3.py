@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -40,6 +41,8 @@ from urllib.parse import urlsplit, urlunsplit
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.loaders
+import botocore.session
 
 from ..errors import NotFoundError, StoreUnavailableError, UsageError
 from .base import ObjectInfo, Store
@@ -75,6 +78,29 @@ _STREAM_ERRORS = (
     botocore.exceptions.ConnectionClosedError,
 )
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+_loader_lock = threading.Lock()
+_shared_loader: botocore.loaders.Loader | None = None
+
+
+def _new_botocore_session() -> botocore.session.Session:
+    """A fresh botocore session that reuses one process-wide model loader.
+
+    A fresh session per store keeps credentials and config independent (a
+    session caches them); sharing the loader skips re-parsing botocore's JSON
+    service models, which makes each further client ~3x cheaper to create
+    (~0.1 s instead of ~0.3 s here). The loader only caches immutable-by-use
+    model data, so sharing it across threads at worst loads a file twice.
+    """
+    global _shared_loader
+    with _loader_lock:
+        if _shared_loader is None:
+            _shared_loader = botocore.loaders.create_loader()
+        loader = _shared_loader
+    session = botocore.session.get_session()
+    session.register_component("data_loader", loader)
+    return session
 
 
 def _env_number(name: str, default: float) -> float:
@@ -135,7 +161,7 @@ class S3Store(Store):
             s3={"addressing_style": "path"} if custom_endpoint else None,
         )
         try:
-            session = boto3.session.Session()
+            session = boto3.session.Session(botocore_session=_new_botocore_session())
             # endpoint_url=None lets boto3 apply its own lookup (env, config file).
             self._client: Any = session.client("s3", endpoint_url=endpoint_url or None, config=config)
         except (botocore.exceptions.BotoCoreError, ValueError) as exc:
@@ -226,20 +252,26 @@ class S3Store(Store):
             params["Range"] = f"bytes={start}-{start + length - 1}"
         elif start:
             params["Range"] = f"bytes={start}-"
-        attempt = 1
-        while True:
+        for attempt in range(1, self._max_attempts + 1):
+            # botocore retries the request up to the response headers; an
+            # error in the middle of the body is retried here, by a new request.
             try:
                 response = self._client.get_object(**params)
-                with response["Body"] as body:
-                    return body.read()
             except botocore.exceptions.ClientError as exc:
                 if _error_code(exc) == "InvalidRange":
                     # The range starts at or past the end: the local store
                     # returns b"" for that, and so does this one.
                     return b""
                 raise self._translate(exc, key, "read from") from exc
+            except botocore.exceptions.BotoCoreError as exc:
+                raise self._translate(exc, key, "read from") from exc
+            # Not `with body`: StreamingBody.__enter__ hands out the raw urllib3
+            # stream, whose read() skips botocore's length check and error mapping.
+            body = response["Body"]
+            try:
+                return body.read()
             except _STREAM_ERRORS as exc:
-                if attempt >= self._max_attempts:
+                if attempt == self._max_attempts:
                     raise self._translate(exc, key, "read from") from exc
                 log.warning(
                     "%s: read from %s broke off (%s); retrying (%d/%d)",
@@ -249,10 +281,10 @@ class S3Store(Store):
                     attempt,
                     self._max_attempts,
                 )
-                attempt += 1
                 time.sleep(min(0.05 * 2**attempt, 2.0))
-            except botocore.exceptions.BotoCoreError as exc:
-                raise self._translate(exc, key, "read from") from exc
+            finally:
+                body.close()
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         object_key = self._object_key(key)

@@ -197,6 +197,13 @@ class SeaweedServer:
             "-admin.ui=false",
             "-webdav=false",
         ]
+        # If this process dies without stop() (pytest killed by a timeout, a
+        # crashed script), the kernel sends weed SIGTERM rather than leaving an
+        # orphan server. Caveat: the signal fires when the *thread* that called
+        # start() exits, so start it from a thread that outlives the server.
+        setpriv = shutil.which("setpriv")
+        if setpriv:
+            args = [setpriv, "--pdeathsig", "TERM", "--", *args]
         log.debug("starting %s", " ".join(args))
         with open(self.log_path, "ab") as log_file:
             # Own session = own process group, so stop() can kill weed and

@@ -168,7 +168,7 @@ def tree_stats(pids: Sequence[int]) -> tuple[float, float, float]:
 
 
 def is_mounted(path: str | os.PathLike[str]) -> bool:
-    target = os.path.realpath(path)
+    target = os.path.abspath(path)  # not realpath: its lstat would hang on a dead FUSE mount
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == target for line in f)
 
@@ -184,6 +184,25 @@ def wait_mounted(
         if time.monotonic() > deadline:
             raise RuntimeError(f"{path} not mounted after {timeout:.0f} s")
         time.sleep(0.01)
+
+
+def abort_fuse(path: str | os.PathLike[str]) -> None:
+    """Abort the FUSE connection of a mount (fusectl), failing every pending request.
+
+    A lazy unmount alone leaves a hung daemon, and every process stuck in a
+    request to it, in D state for good; aborting releases them all. Used only
+    for mounts the run is giving up on.
+    """
+    target = os.path.abspath(path)  # not realpath: its lstat would hang on a dead FUSE mount
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            fstype = fields[fields.index("-") + 1]
+            if fields[4] == target and fstype.startswith("fuse"):
+                minor = fields[2].split(":")[1]
+                with contextlib.suppress(OSError):
+                    Path(f"/sys/fs/fuse/connections/{minor}/abort").write_text("1")
+                log.warning("aborted the FUSE connection of %s", target)
 
 
 def lazy_umount(path: str | os.PathLike[str]) -> None:
@@ -267,6 +286,9 @@ class Cleanup:
     def run_all(self) -> None:
         for path in reversed(self._mounts):
             with contextlib.suppress(Exception):
+                # Still mounted here means its section did not unmount it: it failed or was interrupted.
+                if is_mounted(path):
+                    abort_fuse(path)
                 lazy_umount(path)
         self._mounts.clear()
         for proc in reversed(list(self._procs)):

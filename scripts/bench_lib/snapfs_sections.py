@@ -20,17 +20,19 @@ endpoint come from the server's ``AWS_*`` environment):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-from .common import CLEANUP, MB, REPO, SnapfsNotReady, drop_caches, is_mounted, lazy_umount
+from .common import CLEANUP, MB, REPO, SnapfsNotReady, abort_fuse, drop_caches, is_mounted, lazy_umount
 from .context import Ctx
 from .data import (
     SMALL_CHANGE_EVERY,
@@ -247,22 +249,31 @@ class SnapfsMount:
     def __enter__(self) -> SnapfsMount:
         CLEANUP.mount(self.mountpoint)
         CLEANUP.callback(self._kill_leftovers)
-        snapfs_cli(
-            "mount",
-            self.mountpoint,
-            "--store",
-            self.store,
-            "--cache",
-            self.cache,
-            "--cache-size",
-            self.cache_size,
-            env=self.env,
-            timeout=300,
-        )
-        if not is_mounted(self.mountpoint):
-            raise SnapfsNotReady(
-                f"snapfs not ready: `snapfs mount` returned but {self.mountpoint} is not mounted"
+        try:
+            snapfs_cli(
+                "mount",
+                self.mountpoint,
+                "--store",
+                self.store,
+                "--cache",
+                self.cache,
+                "--cache-size",
+                self.cache_size,
+                env=self.env,
+                timeout=120,
             )
+            if not is_mounted(self.mountpoint):
+                raise SnapfsNotReady(
+                    f"snapfs not ready: `snapfs mount` returned but {self.mountpoint} is not mounted"
+                )
+        except BaseException:
+            # A mount that half-came up: end it now, daemon included, or it hangs on.
+            self.pids = _daemon_pids(self.mountpoint, {})
+            if is_mounted(self.mountpoint):
+                abort_fuse(self.mountpoint)
+            lazy_umount(self.mountpoint)
+            self._kill_leftovers(grace=2)
+            raise
         return self
 
     def status(self) -> dict[str, Any]:
@@ -280,17 +291,15 @@ class SnapfsMount:
         lazy_umount(self.mountpoint)
         self._kill_leftovers()
 
-    def _kill_leftovers(self) -> None:
-        deadline = time.monotonic() + 15
+    def _kill_leftovers(self, grace: float = 15) -> None:
+        deadline = time.monotonic() + grace
         for pid in self.pids:
             while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
             if Path(f"/proc/{pid}").exists():
                 log.warning("snapfs daemon %d still running after umount; terminating it", pid)
-                try:
-                    os.kill(pid, 15)
-                except ProcessLookupError:
-                    pass
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
 
 
 def snapfs_mount(ctx: Ctx) -> None:

@@ -201,11 +201,21 @@ def mount_options(*, allow_other: bool, max_read: int | None) -> set[str]:
 
 
 async def serve(ops: Operations, mountpoint: str, options: set[str], on_ready: Callable[[], None]) -> None:
-    """Mount, call ``on_ready`` once the kernel has the mount, serve until unmounted."""
+    """Mount and serve until unmounted. ``on_ready`` runs in a worker thread once
+    the mount answers requests (FUSE_INIT done), so it may stat the mount, tune
+    the kernel and report readiness; then the loop serves on."""
     pyfuse3.init(ops, mountpoint, options)
     try:
-        on_ready()
-        await pyfuse3.main(min_tasks=4, max_tasks=128)
+        async with trio.open_nursery() as nursery:
+
+            async def announce() -> None:
+                # Blocks until pyfuse3.main has answered FUSE_INIT; safe in a thread only.
+                await trio.to_thread.run_sync(os.stat, mountpoint)
+                await trio.to_thread.run_sync(on_ready)
+
+            nursery.start_soon(announce)
+            await pyfuse3.main(min_tasks=4, max_tasks=128)
+            nursery.cancel_scope.cancel()
     finally:
         pyfuse3.close(unmount=True)
 

@@ -132,6 +132,8 @@ class SnapshotFS:
         self.handles: dict[int, OpenFile] = {}
         self._next_fh = 1
         self.started = time.time()
+        self.read_requests = 0
+        self.read_bytes = 0
 
     # --- trees -----------------------------------------------------------
 
@@ -408,10 +410,12 @@ class SnapshotFS:
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self.handle(fh)
+        self.read_requests += 1
         file_size = handle.entry.size
         if offset >= file_size or size <= 0:
             return b""
         end = min(offset + size, file_size)
+        self.read_bytes += end - offset
         first = bisect.bisect_right(handle.offsets, offset) - 1
         last = bisect.bisect_right(handle.offsets, end - 1) - 1
         sequential = offset == handle.next_offset
@@ -473,4 +477,6 @@ class SnapshotFS:
             "trees_cached": len(self.trees),
             "tree_entries_cached": self._tree_entries,
             "open_files": len(self.handles),
+            "read_requests": self.read_requests,
+            "read_bytes": self.read_bytes,
         }

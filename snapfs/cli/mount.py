@@ -43,6 +43,12 @@ def register(subparsers, common) -> None:
     )
     p.add_argument("--fetch-jobs", type=int, default=32, help="concurrent store fetches (default 32)")
     p.add_argument("--max-read", type=parse_size, default=None, help="FUSE max_read, e.g. 1M")
+    p.add_argument(
+        "--readahead",
+        type=parse_size,
+        default="4M",
+        help="kernel readahead for the mount (read_ahead_kb of its bdi; root only), default 4M",
+    )
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     p.add_argument(
         "--metrics-addr", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)"
@@ -91,6 +97,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         metrics_addr=args.metrics_addr,
         log_file=os.path.abspath(args.log_file) if args.log_file else None,
         fsync=not args.no_fsync,
+        readahead=args.readahead,
     )
     return daemon.mount(config)
 

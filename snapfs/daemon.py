@@ -175,20 +175,18 @@ def _rss_bytes() -> int:
 
 
 def _resolve_name_sync(repo: Repo, name: str) -> str | None:
-    """A name (or SERIES@latest) to a snapshot ID; None if it is not a name."""
-    from . import refs
+    """A name or SERIES@latest to a snapshot ID."""
+    from . import records
 
-    resolver = getattr(refs, "resolve_name", None)
-    if resolver is None:
-        return None
-    return resolver(repo, name)
+    if name.lower().endswith("@latest"):
+        return records.lookup(repo, name).snapshot
+    return records.resolve_name(repo, name)
 
 
 def _list_names_sync(repo: Repo) -> list[str]:
-    from . import refs
+    from . import records
 
-    lister = getattr(refs, "list_names", None)
-    return list(lister(repo)) if lister is not None else []
+    return records.list_names(repo)
 
 
 class Daemon:
@@ -238,9 +236,11 @@ class Daemon:
         }
 
     async def _resolve_name(self, name: str) -> str | None:
-        known = await trio.to_thread.run_sync(self.cache.index.recall_name, name)
-        if known:
-            return known
+        moves = name.lower().endswith("@latest")
+        if not moves:
+            known = await trio.to_thread.run_sync(self.cache.index.recall_name, name)
+            if known:
+                return known
         try:
             snapshot_id = await trio.to_thread.run_sync(_resolve_name_sync, self.repo, name)
         except (NotFoundError, UsageError):
@@ -248,7 +248,7 @@ class Daemon:
         except SnapfsError as exc:
             log.warning("cannot resolve name %r: %s", name, exc)
             return None
-        if snapshot_id:
+        if snapshot_id and not moves:
             # Names never move, so remembering them is always right, and it lets
             # a prewarmed node resolve them with the store unreachable.
             await trio.to_thread.run_sync(self.cache.index.remember_name, name, snapshot_id)

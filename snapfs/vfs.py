@@ -51,6 +51,11 @@ CONTENT_TIMEOUT = 86400.0 * 365
 READAHEAD_CHUNKS = 8
 
 
+def _moves(name: str) -> bool:
+    """Names never move, but SERIES@latest follows the newest version."""
+    return name.lower().endswith("@latest")
+
+
 class VfsError(Exception):
     """An errno for the reader; the adapter turns it into FUSEError."""
 
@@ -311,7 +316,7 @@ class SnapshotFS:
         if is_object_id(text):
             return self._dir_attr(await self.open_snapshot(text))
         known = self.names.get(text)
-        if known is not None:
+        if known is not None and not _moves(text):
             return self._name_attr(known[0], known[1])
         if self.resolve_name is None:
             raise VfsError(errno.ENOENT)
@@ -323,6 +328,8 @@ class SnapshotFS:
     def _name_ino(self, name: str, snapshot_id: str) -> int:
         known = self.names.get(name)
         if known is not None:
+            if known[1] != snapshot_id:  # SERIES@latest moved to a new version
+                self.names[name] = (known[0], snapshot_id)
             return known[0]
         ino = 2 + len(self.names)
         self.names[name] = (ino, snapshot_id)

@@ -284,3 +284,26 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+def test_names_are_symlinks_and_latest_follows_new_versions(tmp_path: Path, file_store_url: str):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("v1\n")
+    id1 = snapfs("push", str(src), "--store", file_store_url, "--name", "ds@1", "-q", "--no-git").stdout.strip()
+    with mounted(tmp_path / "mnt", file_store_url, tmp_path / "cache") as mnt:
+        assert os.readlink(mnt / "ds@1") == id1
+        assert os.readlink(mnt / "ds@latest") == id1
+        assert (mnt / "ds@1" / "a.txt").read_text() == "v1\n"
+        assert {"ds@1"} <= set(os.listdir(mnt))
+        (src / "a.txt").write_text("v2\n")
+        id2 = snapfs("push", str(src), "--store", file_store_url, "--name", "ds@2", "-q", "--no-git").stdout.strip()
+        assert id2 != id1
+        deadline = time.monotonic() + 10  # the root's entries expire after one second
+        while time.monotonic() < deadline and os.readlink(mnt / "ds@latest") != id2:
+            time.sleep(0.2)
+        assert os.readlink(mnt / "ds@latest") == id2
+        assert (mnt / "ds@latest" / "a.txt").read_text() == "v2\n"
+        assert os.readlink(mnt / "ds@1") == id1  # names never move
+        with pytest.raises(FileNotFoundError):
+            os.readlink(mnt / "no-such-name")

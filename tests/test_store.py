@@ -482,3 +482,20 @@ def test_s3_hung_server_times_out(s3_env: dict[str, str], monkeypatch: pytest.Mo
         server.close()
     # Two attempts of 0.5 s each plus a short backoff, never the 3 s hang.
     assert 0.9 < elapsed < 2.9, elapsed
+
+
+@pytest.mark.s3
+def test_s3_endpoint_userinfo_never_reaches_messages(s3_store_url: str) -> None:
+    with closed_port() as sock:
+        endpoint = f"http://someone:endpoint-password@127.0.0.1:{sock.getsockname()[1]}"
+        store = open_store(s3_store_url, endpoint_url=endpoint)
+        try:
+            assert "endpoint-password" not in store.endpoint_url  # type: ignore[attr-defined]
+            with pytest.raises(StoreUnavailableError) as info:
+                store.stat("objects/x")
+        finally:
+            store.close()
+    assert "endpoint-password" not in str(info.value)
+    with pytest.raises(UsageError) as bad:
+        open_store(s3_store_url, endpoint_url="http://someone:endpoint-password@:::bad")
+    assert "endpoint-password" not in str(bad.value)

@@ -36,7 +36,6 @@ import threading
 import time
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import boto3
 import botocore.config
@@ -78,6 +77,7 @@ _STREAM_ERRORS = (
     botocore.exceptions.ConnectionClosedError,
 )
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_USERINFO_RE = re.compile(r"//[^/@\s]*@")
 
 
 _loader_lock = threading.Lock()
@@ -116,12 +116,9 @@ def _env_number(name: str, default: float) -> float:
     return value
 
 
-def _strip_userinfo(url: str) -> str:
-    """``url`` without any ``user:password@`` part, for messages and logs."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+def _strip_userinfo(text: str) -> str:
+    """``text`` (a URL or a message quoting one) without ``user:password@`` parts."""
+    return _USERINFO_RE.sub("//", text)
 
 
 def _error_code(exc: botocore.exceptions.ClientError) -> str:
@@ -139,6 +136,7 @@ class S3Store(Store):
         self._key_prefix = self.prefix + "/" if self.prefix else ""
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
 
+        self._max_attempts = int(_env_number("SNAPFS_S3_MAX_ATTEMPTS", _DEFAULT_MAX_ATTEMPTS))
         custom_endpoint = (
             endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         )
@@ -147,7 +145,7 @@ class S3Store(Store):
             read_timeout=_env_number("SNAPFS_S3_READ_TIMEOUT", _DEFAULT_READ_TIMEOUT),
             retries={
                 "mode": "standard",
-                "max_attempts": int(_env_number("SNAPFS_S3_MAX_ATTEMPTS", _DEFAULT_MAX_ATTEMPTS)),
+                "max_attempts": self._max_attempts,
             },
             max_pool_connections=_MAX_POOL_CONNECTIONS,
             tcp_keepalive=True,
@@ -164,11 +162,14 @@ class S3Store(Store):
             session = boto3.session.Session(botocore_session=_new_botocore_session())
             # endpoint_url=None lets boto3 apply its own lookup (env, config file).
             self._client: Any = session.client("s3", endpoint_url=endpoint_url or None, config=config)
-        except (botocore.exceptions.BotoCoreError, ValueError) as exc:
-            raise StoreUnavailableError(f"cannot set up S3 client for {self.url}: {exc}") from exc
+        except ValueError as exc:  # a malformed endpoint URL; botocore quotes it
+            raise UsageError(f"cannot set up S3 client for {self.url}: {_strip_userinfo(str(exc))}") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise StoreUnavailableError(
+                f"cannot set up S3 client for {self.url}: {_strip_userinfo(str(exc))}"
+            ) from exc
         #: Where requests go, without credentials, for messages.
         self.endpoint_url = _strip_userinfo(self._client.meta.endpoint_url)
-        self._max_attempts = int(_env_number("SNAPFS_S3_MAX_ATTEMPTS", _DEFAULT_MAX_ATTEMPTS))
         log.debug("opened %s at %s", self.url, self.endpoint_url)
 
     @classmethod
@@ -231,9 +232,14 @@ class S3Store(Store):
             )
         if isinstance(exc, botocore.exceptions.ParamValidationError):
             return UsageError(f"{key}: invalid S3 request for {self.url}: {exc}")
-        if isinstance(exc, botocore.exceptions.ConnectionError | botocore.exceptions.HTTPClientError):
+        if isinstance(exc, botocore.exceptions.ConnectionError):
             return StoreUnavailableError(
                 f"{key}: cannot reach {self._where()} after {self._max_attempts} attempts: {type(exc).__name__}"
+            )
+        if isinstance(exc, botocore.exceptions.HTTPClientError | botocore.exceptions.IncompleteReadError):
+            return StoreUnavailableError(
+                f"{key}: connection to {self._where()} broke off, {self._max_attempts} attempts: "
+                f"{type(exc).__name__}"
             )
         return StoreUnavailableError(f"{key}: cannot {action} {self._where()}: {exc}")
 

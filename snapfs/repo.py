@@ -68,7 +68,8 @@ class Repo:
             actual = hash_bytes(data)
             if actual == object_id:
                 return data
-            log.warning("%s %s from %s hashes to %s (attempt %d)", what, object_id, self.url, actual, attempt)
+            # INFO, not WARNING: the caller reports the final failure in one line.
+            log.info("%s %s from %s hashes to %s (attempt %d)", what, object_id, self.url, actual, attempt)
         raise IntegrityError(f"{what} {object_id} in {self.url} is corrupt: its bytes hash to {actual}")
 
     def has_object(self, object_id: str) -> bool:

@@ -20,13 +20,14 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from . import format as fmt
 from .errors import DestinationError, IntegrityError, NotFoundError, SnapfsError, UsageError
 from .format import ChunkRef, Entry
 from .hashing import hash_bytes, is_object_id
+from .links import LinkResolution
 from .locks import PushLock
 from .paths import pull_state_dir
 from .repo import Repo, content_id
@@ -275,20 +276,18 @@ def _save_state(dest: str, snapshot_id: str, complete: bool) -> None:
     os.replace(tmp, path)
 
 
-def check_symlink_target(path: bytes, target: bytes) -> None:
-    """Refuse a symlink that is absolute or climbs out of the snapshot."""
+def check_symlink_target(path: bytes, target: bytes, lookup: Callable[[bytes], Entry | None]) -> None:
+    """Refuse a symlink that is absolute or resolves outside the snapshot,
+    following the snapshot's own symlinks on the way (see snapfs.links)."""
     if target.startswith(b"/"):
         raise DestinationError(f"{display_path(path)}: symlink target {fmt.display_name(target)} is absolute")
-    depth = path.count(b"/")  # directories between the snapshot root and the link
-    for part in target.split(b"/"):
-        if part == b"..":
-            depth -= 1
-            if depth < 0:
-                raise DestinationError(
-                    f"{display_path(path)}: symlink target {fmt.display_name(target)} escapes the snapshot"
-                )
-        elif part not in (b"", b"."):
-            depth += 1
+    resolution = LinkResolution(path, target)
+    while (needed := resolution.needs()) is not None:
+        resolution.feed(lookup(needed))
+    if resolution.escapes:
+        raise DestinationError(
+            f"{display_path(path)}: symlink target {fmt.display_name(target)} escapes the snapshot"
+        )
 
 
 def _file_matches(path: bytes, size: int, chunks: tuple[ChunkRef, ...]) -> bool:
@@ -391,21 +390,27 @@ def pull(
             tmp = os.path.join(directory, TMP_PREFIX.encode() + os.urandom(6).hex().encode())
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
-                offsets = []
+                # Each distinct chunk is fetched once, however often the file repeats it
+                # (zero-filled regions do). Every fetch is awaited before the fd is
+                # closed, even after a failure, so no late write lands in a reused fd.
+                places: dict[str, list[int]] = {}
                 offset = 0
-                for _, length in chunks:
-                    offsets.append(offset)
+                for chunk_id, length in chunks:
+                    places.setdefault(chunk_id, []).append(offset)
                     offset += length
+                sizes = dict(chunks)
 
-                def fetch(i: int) -> None:
-                    chunk_id, length = chunks[i]
-                    data = repo.get_chunk(chunk_id, length)  # verified before any byte is written
-                    os.pwrite(fd, data, offsets[i])
+                def fetch(chunk_id: str) -> None:
+                    data = repo.get_chunk(chunk_id, sizes[chunk_id])  # verified before any byte is written
+                    for at in places[chunk_id]:
+                        os.pwrite(fd, data, at)
                     if progress:
-                        progress(length)
+                        progress(len(data) * len(places[chunk_id]))
 
-                for _ in chunk_pool.map(fetch, range(len(chunks))):
-                    pass
+                futures = [chunk_pool.submit(fetch, chunk_id) for chunk_id in places]
+                wait(futures)
+                for future in futures:
+                    future.result()
                 os.fsync(fd)
                 os.fchmod(fd, 0o755 if entry.executable else 0o644)
             except BaseException:
@@ -420,26 +425,35 @@ def pull(
                 result.fetched_bytes += entry.size
 
         files: list[tuple[bytes, Entry]] = []
+        links: list[tuple[bytes, Entry]] = []
+        # Directories and symlinks by path, to follow symlink chains inside the snapshot.
+        structure: dict[bytes, Entry] = {}
         for rel, entry in walk(repo, snapshot_id):
-            target = os.path.join(dest_b, rel)
             if entry.is_dir:
-                _prepare_dir(target, force)
+                _prepare_dir(os.path.join(dest_b, rel), force)
+                structure[rel] = entry
             elif entry.is_symlink:
-                if not unsafe_symlinks:
-                    check_symlink_target(rel, entry.target)  # type: ignore[arg-type]
-                try:
-                    if os.readlink(target) == entry.target:
-                        continue
-                except OSError:
-                    pass
-                _remove_existing(target)
-                os.symlink(entry.target, target)  # type: ignore[arg-type]
+                links.append((rel, entry))
+                structure[rel] = entry
             else:
                 files.append((rel, entry))
                 result.total_bytes += entry.size
+        if not unsafe_symlinks:
+            for rel, entry in links:
+                check_symlink_target(rel, entry.target, structure.get)  # type: ignore[arg-type]
         result.files = len(files)
         for _ in file_pool.map(pull_file, files):
             pass
+        # Symlinks last: nothing is ever written through one.
+        for rel, entry in links:
+            target = os.path.join(dest_b, rel)
+            try:
+                if os.readlink(target) == entry.target:
+                    continue
+            except OSError:
+                pass
+            _remove_existing(target)
+            os.symlink(entry.target, target)  # type: ignore[arg-type]
     _save_state(dest, snapshot_id, complete=True)
     return result
 

@@ -269,11 +269,6 @@ def test_fsck_clean_then_corrupt(env: Env, tmp_path: Path) -> None:
     assert not (tmp_path / "dest" / "labels.csv").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug (reported): Repo.get_object logs a WARNING per attempt, so a corrupt "
-    "object prints two warning lines before the one error line",
-)
 def test_corrupt_object_gives_one_line(env: Env, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -348,10 +343,6 @@ def test_unknown_format_version_exits_4(env: Env, tmp_path: Path) -> None:
     assert "unknown format version 2" in one_error_line(proc)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug (reported): cmd_ls encodes a file PATH argument without surrogateescape",
-)
 def test_ls_of_a_non_utf8_file_path(pushed: Pushed) -> None:
     proc = snapfs(pushed.env, "ls", pushed.snapshot_id, os.fsdecode(b"odd \xff\nname"), ok=False)
     assert proc.returncode == 0, proc.stderr

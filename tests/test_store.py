@@ -173,13 +173,6 @@ def test_exists_and_stat(store: Store) -> None:
 
 
 def test_a_directory_is_not_a_key(store: Store, request: pytest.FixtureRequest) -> None:
-    if store.url.startswith("file://"):
-        # strict: once LocalStore is fixed this xfail fails and must go.
-        request.applymarker(
-            pytest.mark.xfail(
-                reason="LocalStore.exists/stat accept a directory (os.path.exists)", strict=True
-            )
-        )
     store.put("objects/aa/1", b"12345")
     assert store.exists("objects/aa") is False
     with pytest.raises(NotFoundError):

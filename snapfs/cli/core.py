@@ -270,7 +270,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     snapshot_id = resolve(repo, args.ref)
     entry, children = snapshot.list_dir(repo, snapshot_id, args.path)
     if entry is not None and not entry.is_dir:
-        rows = [(args.path.encode(), entry)]
+        rows = [(args.path.encode("utf-8", "surrogateescape"), entry)]
     elif args.recursive:
         base = args.path.strip("/").encode("utf-8", "surrogateescape")
         tree_id = snapshot_id if entry is None else entry.tree_id

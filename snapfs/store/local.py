@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 
@@ -46,7 +47,7 @@ class LocalStore(Store):
                 if start:
                     f.seek(start)
                 return f.read() if length is None else f.read(length)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
             raise NotFoundError(f"{key}: not in store {self.url}") from exc
         except OSError as exc:
             raise StoreUnavailableError(f"{key}: cannot read from {self.url}: {exc.strerror}") from exc
@@ -54,7 +55,7 @@ class LocalStore(Store):
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         path = self._path(key)
         directory = os.path.dirname(path)
-        if if_absent and os.path.exists(path):
+        if if_absent and os.path.isfile(path):
             return False
         try:
             os.makedirs(directory, exist_ok=True)
@@ -87,13 +88,15 @@ class LocalStore(Store):
                     pass
 
     def exists(self, key: str) -> bool:
-        return os.path.exists(self._path(key))
+        return os.path.isfile(self._path(key))
 
     def stat(self, key: str) -> ObjectInfo:
         try:
             st = os.stat(self._path(key))
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, NotADirectoryError) as exc:
             raise NotFoundError(f"{key}: not in store {self.url}") from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise NotFoundError(f"{key}: not in store {self.url}")
         return ObjectInfo(key, st.st_size, st.st_mtime)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:

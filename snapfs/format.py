@@ -69,14 +69,61 @@ def validate_name(name: bytes) -> None:
         raise FormatError(f"entry name contains '/' or NUL: {display_name(name)}")
 
 
+_SHORT_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+_SHORT_UNESCAPES = {"\\": b"\\", "n": b"\n", "t": b"\t", "r": b"\r"}
+
+
 def display_name(name: bytes) -> str:
-    """A printable, unambiguous form of a raw name for messages and listings."""
-    return (
-        name.decode("utf-8", "backslashreplace")
-        .encode("unicode_escape")
-        .decode("ascii")
-        .replace("\\\\x", "\\x")
-    )
+    r"""A printable, reversible form of a raw name, for listings and messages.
+
+    Printable Unicode stays as it is. A backslash becomes ``\\``; newline, tab
+    and carriage return become ``\n``, ``\t``, ``\r``; bytes that are not valid
+    UTF-8 and other ASCII control characters become ``\xNN``; other unprintable
+    characters ``\uNNNN`` or ``\UNNNNNNNN``. Every escape has one meaning, so
+    parse_display_name recovers the raw name.
+    """
+    out = []
+    for char in name.decode("utf-8", "surrogateescape"):
+        code = ord(char)
+        if char in _SHORT_ESCAPES:
+            out.append(_SHORT_ESCAPES[char])
+        elif 0xDC80 <= code <= 0xDCFF:  # a byte that is not valid UTF-8
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif char.isprintable():
+            out.append(char)
+        elif code < 0x80:
+            out.append(f"\\x{code:02x}")
+        elif code <= 0xFFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
+def parse_display_name(text: str) -> bytes:
+    """The inverse of display_name."""
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char != "\\":
+            out += char.encode("utf-8")
+            i += 1
+            continue
+        kind = text[i + 1 : i + 2]
+        if kind in _SHORT_UNESCAPES:
+            out += _SHORT_UNESCAPES[kind]
+            i += 2
+        elif kind == "x":
+            out.append(int(text[i + 2 : i + 4], 16))
+            i += 4
+        elif kind in ("u", "U"):
+            width = 4 if kind == "u" else 8
+            out += chr(int(text[i + 2 : i + 2 + width], 16)).encode("utf-8")
+            i += 2 + width
+        else:
+            raise FormatError(f"invalid escape at {i} in {text!r}")
+    return bytes(out)
 
 
 @dataclass(frozen=True, slots=True)

@@ -570,3 +570,16 @@ def test_format_md_quotes_the_golden_vectors() -> None:
     ):
         assert vector in doc, vector
     assert "(0, 1587404) (1587404, 1421755)" in doc and "(16335861, 441355)" in doc
+
+
+@given(st.binary(min_size=0, max_size=300))
+def test_display_name_is_reversible(raw: bytes) -> None:
+    shown = fmt.display_name(raw)
+    assert shown.isprintable()
+    assert fmt.parse_display_name(shown) == raw
+
+
+def test_display_name_keeps_distinct_names_distinct() -> None:
+    names = ["é".encode(), b"\xe9", rb"\xe9", b"a\nb", rb"a\nb"]
+    assert len({fmt.display_name(n) for n in names}) == len(names)
+    assert fmt.display_name("日本".encode()) == "日本"

@@ -848,6 +848,22 @@ def _already_exists(entry: NameEntry, snapshot_id: str, repo: Repo) -> AlreadyEx
     )
 
 
+def check_name_free(repo: Repo, name: str, snapshot_id: str) -> None:
+    """Before an upload: fail early if ``name`` already names other content.
+
+    ``create`` checks again atomically (create-once); this only saves a user
+    from uploading a whole dataset to learn the name was taken.
+    """
+    validate_name(name)
+    entry = read_name(repo, name)
+    if entry is not None and entry.snapshot != snapshot_id:
+        state = " (forgotten; names are never reused)" if is_forgotten(repo, entry.record) else ""
+        raise AlreadyExistsError(
+            f"name {name!r} already exists{state} for snapshot {entry.snapshot[:16]} "
+            f"(recorded {entry.time}); names never move: pick a new name or version"
+        )
+
+
 def _ensure_marked(repo: Repo, snapshot_id: str) -> None:
     """Under a push lock: the snapshot must still be whole before a record claims it."""
     if repo.is_snapshot(snapshot_id):

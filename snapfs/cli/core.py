@@ -52,7 +52,7 @@ def register(subparsers, common) -> None:
     p.add_argument(
         "-j", "--jobs", type=int, default=None, help="concurrent uploads (default 32 for S3, 8 local)"
     )
-    p.set_defaults(push_extra=None)
+    p.set_defaults(push_extra=None, push_precheck=None)
 
     p = _add(
         subparsers,
@@ -164,6 +164,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     started = time.monotonic()
     with progress_bar(args, None, "hashing") as advance:
         scanned = scan(args.path, progress=advance)
+    if args.push_precheck:
+        args.push_precheck(args, repo, scanned.root_id)
     with progress_bar(args, scanned.total_bytes, "uploading") as advance:
         result = snapshot.upload(repo, scanned, jobs=args.jobs, progress=advance)
     elapsed = time.monotonic() - started

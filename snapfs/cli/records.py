@@ -84,7 +84,7 @@ def register(subparsers, common) -> None:
         "--no-git", action="store_true", help="do not record the git commit, branch and remote"
     )
     group.add_argument("--no-env", action="store_true", help="do not record Python, platform and packages")
-    push.set_defaults(push_extra=push_extra)
+    push.set_defaults(push_extra=push_extra, push_precheck=push_precheck)
     push.epilog = (push.epilog or "") + (
         "\n  snapfs push ./data --name imagenet@1.2.0 -m 'fixed 80 boxes' --tag release\n"
         "  snapfs push ./ckpt --name resnet@1 --input imagenet@1.2.0 --meta accuracy=0.89"
@@ -210,6 +210,12 @@ def register(subparsers, common) -> None:
 
 
 # --- push ------------------------------------------------------------------------
+
+
+def push_precheck(args: argparse.Namespace, repo, snapshot_id: str) -> None:
+    """Runs after hashing, before any upload: a taken name fails in seconds, not after the upload."""
+    if args.name:
+        records.check_name_free(repo, args.name, snapshot_id)
 
 
 def push_extra(args: argparse.Namespace, repo, result: PushResult) -> dict:

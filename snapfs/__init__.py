@@ -16,7 +16,16 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import ancestors, id, log, open_store, pull, push, record_run, resolve, show, tag  # noqa: E402,F401,A004  # noqa: E402,F401
+
+def __getattr__(name: str):
+    # The API is imported on first use, so `snapfs --help` and other CLI calls
+    # do not pay for records, boto3 and friends.
+    if name in __all__ and name != "__version__":
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'snapfs' has no attribute {name!r}")
+
 
 __all__ = [
     "id",

@@ -8,11 +8,13 @@ import os
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
-from .. import prewarm as prewarm_mod
-from ..cache import DiskCache
 from ..errors import SnapfsError
-from ..hashing import hash_bytes
+
+if TYPE_CHECKING:
+    from ..cache import DiskCache
+    from ..prewarm import PrewarmPlan
 from ..paths import default_cache_dir
 from .common import human_bytes, open_repo, parse_size, print_json, resolve, stderr
 
@@ -27,6 +29,8 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
 
 
 def _open_cache(args: argparse.Namespace) -> DiskCache:
+    from ..cache import DiskCache
+
     size = parse_size(args.cache_size) if getattr(args, "cache_size", None) else None
     return DiskCache(args.cache or default_cache_dir(), size)
 
@@ -88,7 +92,7 @@ class _Progress:
         self.started = time.monotonic()
         self.last_log = self.started
 
-    def start(self, plan: prewarm_mod.PrewarmPlan) -> None:
+    def start(self, plan: PrewarmPlan) -> None:
         self.total_bytes = plan.missing_bytes
         if not self.enabled:
             return
@@ -132,6 +136,8 @@ class _Progress:
 
 
 def cmd_prewarm(args: argparse.Namespace) -> int:
+    from .. import prewarm as prewarm_mod
+
     repo = open_repo(args)
     snapshot_id = resolve(repo, args.ref)
     cache = _open_cache(args)
@@ -184,6 +190,8 @@ def _stats(args: argparse.Namespace, cache: DiskCache) -> int:
     total, pinned, objects = cache.index.totals()
     pins = cache.index.pin_names()
     snapshots = []
+    from .. import prewarm as prewarm_mod
+
     repo = None
     for snapshot_id, last_used in sorted(cache.index.known_snapshots().items(), key=lambda kv: -kv[1]):
         row = {"snapshot": snapshot_id, "last_used": last_used, "pinned_objects": pins.get(snapshot_id, 0)}
@@ -225,6 +233,8 @@ def _stats(args: argparse.Namespace, cache: DiskCache) -> int:
 
 
 def _verify(args: argparse.Namespace, cache: DiskCache) -> int:
+    from ..hashing import hash_bytes
+
     bad = []
     checked = 0
     for item in cache.index.iter_objects():

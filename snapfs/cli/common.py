@@ -9,11 +9,12 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
-from ..refs import resolve_ref
-from ..repo import Repo
+
+if TYPE_CHECKING:
+    from ..repo import Repo
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
 
@@ -42,10 +43,14 @@ def common_options() -> argparse.ArgumentParser:
 
 
 def open_repo(args: argparse.Namespace) -> Repo:
+    from ..repo import Repo
+
     return Repo.open(args.store, endpoint_url=args.endpoint_url)
 
 
 def resolve(repo: Repo, ref: str) -> str:
+    from ..refs import resolve_ref  # lazy: records is only needed once a REF is resolved
+
     return resolve_ref(repo, ref)
 
 

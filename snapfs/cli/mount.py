@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 
-from .. import daemon
 from ..paths import default_cache_dir
 from .common import human_bytes, parse_size, print_json
 
@@ -82,6 +81,8 @@ def register(subparsers, common) -> None:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    from .. import daemon  # lazy: trio and the daemon are not needed to parse arguments
+
     config = daemon.MountConfig(
         mountpoint=args.mountpoint,
         store_url=args.store,
@@ -103,11 +104,15 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
+    from .. import daemon  # lazy: trio and the daemon are not needed to parse arguments
+
     daemon.umount(args.mountpoint)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from .. import daemon  # lazy: trio and the daemon are not needed to parse arguments
+
     status = daemon.read_status(args.mountpoint)
     if args.json:
         print_json(status)

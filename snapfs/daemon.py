@@ -267,11 +267,20 @@ class Daemon:
 
             self.metrics = start_metrics(self, self.config.metrics_addr, self.config.metrics_port)
             on_fetch = self.metrics.observe_fetch
-        async with ObjectSource(
+        source_class = ObjectSource
+        if getattr(self.repo.store, "snapdir", False):
+            # snapdir+… stores: whole-object reads and synthesized trees.
+            from .snapdir_source import SnapdirObjectSource as source_class
+        async with source_class(
             self.repo, self.cache, fetch_concurrency=self.config.fetch_concurrency, on_fetch=on_fetch
         ) as source:
             self.source = source
-            self.fs = SnapshotFS(source, resolve_name=self._resolve_name, list_names=self._list_names)
+            self.fs = SnapshotFS(
+                source,
+                resolve_name=self._resolve_name,
+                list_names=self._list_names,
+                tree_loader=getattr(source, "load_tree", None),
+            )
             ops = fuseops.Operations(self.fs, self.status)
             options = fuseops.mount_options(
                 allow_other=self.config.allow_other, max_read=self.config.max_read
@@ -338,12 +347,12 @@ def _serve(config: MountConfig, mountpoint: str, ready_fd: int | None) -> int:
 def mount(config: MountConfig) -> int:
     """Mount; in the background unless ``config.foreground``. Returns an exit code."""
     store_root = None
-    if not (config.store_url or "").startswith(("s3://",)):
+    if not (config.store_url or "").startswith(("s3://", "snapdir+s3://")):
         from .store import open_store
 
         store = open_store(config.store_url)
-        if isinstance(store, LocalStore):
-            store_root = store.root
+        if isinstance(store, LocalStore) or getattr(store, "snapdir", False):
+            store_root = store.root  # type: ignore[attr-defined]
     mountpoint = check_mountpoint(config, store_root)
     if config.cache_size is None:
         config.cache_size = default_cache_size(config.cache_dir)

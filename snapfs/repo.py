@@ -48,7 +48,13 @@ class Repo:
 
     @classmethod
     def open(cls, url: str | None = None, *, endpoint_url: str | None = None) -> Repo:
-        return cls(open_store(url, endpoint_url=endpoint_url))
+        store = open_store(url, endpoint_url=endpoint_url)
+        if getattr(store, "snapdir", False):
+            # snapdir+… URLs: snapdir snapshots presented as snapfs trees (read-only).
+            from .snapdir_repo import SnapdirRepo
+
+            return SnapdirRepo(store)
+        return cls(store)
 
     @property
     def url(self) -> str:

@@ -108,6 +108,9 @@ class OpenFile:
 
 NameResolver = Callable[[str], Awaitable[str | None]]
 NameLister = Callable[[], Awaitable[list[str]]]
+#: (tree_id, description for errors) -> decoded entries, for sources whose
+#: trees are not snapfs-encoded objects (snapfs/snapdir_source.py).
+TreeLoader = Callable[[str, str], Awaitable[list[Entry]]]
 
 
 class SnapshotFS:
@@ -120,8 +123,10 @@ class SnapshotFS:
         resolve_name: NameResolver | None = None,
         list_names: NameLister | None = None,
         tree_cache_entries: int = 200_000,
+        tree_loader: TreeLoader | None = None,
     ) -> None:
         self.source = source
+        self.tree_loader = tree_loader
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self.resolve_name = resolve_name
@@ -148,13 +153,17 @@ class SnapshotFS:
             self.trees.move_to_end(tree_id)
             return tree
         where = f"tree {tree_id} (snapshot {snapshot_id}, /{os.fsdecode(path)})"
-        data = await self.source.get(tree_id, "tree")
-        # Decoding is pure CPU; a large tree is decoded in a thread so `ls`
-        # elsewhere on the mount is not held up.
-        if len(data) > 256 << 10:
-            entries = await trio.to_thread.run_sync(fmt.decode_tree, data, where)
+        if self.tree_loader is not None:
+            # An adapter that hands over decoded entries (snapdir stores).
+            entries = await self.tree_loader(tree_id, where)
         else:
-            entries = fmt.decode_tree(data, where)
+            data = await self.source.get(tree_id, "tree")
+            # Decoding is pure CPU; a large tree is decoded in a thread so `ls`
+            # elsewhere on the mount is not held up.
+            if len(data) > 256 << 10:
+                entries = await trio.to_thread.run_sync(fmt.decode_tree, data, where)
+            else:
+                entries = fmt.decode_tree(data, where)
         # Another request may have decoded it while we awaited.
         tree = self.trees.get(tree_id)
         if tree is None:

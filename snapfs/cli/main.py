@@ -15,7 +15,7 @@ import sys
 from ..errors import SnapfsError
 from .common import common_options
 
-COMMAND_MODULES = ["core", "mount", "cache", "records"]
+COMMAND_MODULES = ["core", "mount", "cache", "records", "interop"]
 
 DESCRIPTION = """\
 snapfs: immutable, content-addressed snapshots of datasets and checkpoints.

@@ -3,6 +3,8 @@
 - ``file:///abs/path``, or a plain path: :class:`LocalStore`
 - ``s3://bucket/prefix``: :class:`S3Store` (endpoint from ``--endpoint-url`` or
   ``AWS_ENDPOINT_URL``; credentials from boto3's standard chain)
+- ``snapdir+file:///path``, ``snapdir+s3://bucket/prefix``: a read-only view of
+  a store written by the ``snapdir`` package (snapfs/store/snapdir.py)
 - no URL: ``SNAPFS_STORE`` if set, else the embedded default store, a
   directory under the user's data dir.
 """
@@ -29,6 +31,10 @@ def default_store_url() -> str:
 def open_store(url: str | None = None, *, endpoint_url: str | None = None) -> Store:
     """Open the store at ``url`` (see module docstring)."""
     url = url or default_store_url()
+    if url.startswith("snapdir+"):
+        from .snapdir import SnapdirStore
+
+        return SnapdirStore.from_url(url, endpoint_url=endpoint_url)
     if url.startswith("s3://"):
         from .s3 import S3Store
 
@@ -39,5 +45,7 @@ def open_store(url: str | None = None, *, endpoint_url: str | None = None) -> St
             raise UsageError(f"file store URL must be absolute: {url}")
         return LocalStore(path)
     if "://" in url:
-        raise UsageError(f"unsupported store URL {url!r} (use file://PATH, a path, or s3://BUCKET/PREFIX)")
+        raise UsageError(
+            f"unsupported store URL {url!r} (use file://PATH, a path, s3://BUCKET/PREFIX or snapdir+…)"
+        )
     return LocalStore(url)

@@ -281,7 +281,11 @@ def decode_tree(data: bytes, what: str = "tree") -> list[Entry]:
         if kind is None:
             raise FormatError(f"{what}: unknown entry kind byte {kind_byte}")
         name = reader.take(name_len)
-        validate_name(name)
+        try:
+            validate_name(name)
+        except FormatError as exc:
+            # Name the tree too: a hostile name must be traceable to its object.
+            raise FormatError(f"{what}: {exc}") from None
         if previous is not None and name <= previous:
             raise FormatError(f"{what}: entries not strictly sorted or duplicated at {display_name(name)}")
         previous = name

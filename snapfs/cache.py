@@ -292,15 +292,22 @@ class ObjectSource:
         if data is not None:
             self._memory.move_to_end(object_id)
             self.counters.memory_hits += 1
-            return data
-        flight = self._flights.get(object_id)
-        if flight is None:
-            flight = self._start(object_id, what, expected_size)
-        await flight.done.wait()
-        if flight.error is not None:
-            raise flight.error
-        assert flight.data is not None
-        return flight.data
+        else:
+            flight = self._flights.get(object_id)
+            if flight is None:
+                flight = self._start(object_id, what, expected_size)
+            await flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            assert flight.data is not None
+            data = flight.data
+        # Checked for every caller: the bytes may have come from memory or from a
+        # flight started for another ref to the same chunk, which may claim another
+        # length. Served at the wrong length, they would shift a file's bytes.
+        if expected_size is not None and len(data) != expected_size:
+            self.counters.verify_failures += 1
+            raise IntegrityError(f"{what} {object_id} is {len(data)} bytes, the tree says {expected_size}")
+        return data
 
     def prefetch(self, object_id: str, what: str = "object", expected_size: int | None = None) -> bool:
         """Start fetching in the background if not cached or in flight. Bounded: returns

@@ -447,9 +447,19 @@ class SnapshotFS:
         async def one(i: int) -> None:
             pieces[i - first] = await self._chunk(handle, i)
 
-        async with trio.open_nursery() as nursery:
-            for i in range(first, last + 1):
-                nursery.start_soon(one, i)
+        try:
+            async with trio.open_nursery() as nursery:
+                for i in range(first, last + 1):
+                    nursery.start_soon(one, i)
+        except BaseExceptionGroup as group:
+            # trio wraps a failed chunk in an ExceptionGroup; the reader gets one
+            # error (EIO and one log line in fuseops), not a "bug" traceback.
+            failed, rest = group.split(SnapfsError)
+            if failed is None or rest is not None:
+                raise
+            while isinstance(failed, BaseExceptionGroup):
+                failed = failed.exceptions[0]
+            raise failed from None
         joined = b"".join(pieces)
         start = offset - handle.offsets[first]
         return joined[start : start + (end - offset)]

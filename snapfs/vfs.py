@@ -37,6 +37,7 @@ from .cache import ObjectSource
 from .errors import NotFoundError, SnapfsError
 from .format import ChunkRef, Entry
 from .hashing import is_object_id
+from .links import LinkResolution
 
 log = logging.getLogger(__name__)
 
@@ -384,10 +385,43 @@ class SnapshotFS:
             return self.names[name][1].encode()
         if ino == ROOT_INODE or ino & INDEX_MASK == 0:
             raise VfsError(errno.EINVAL)
-        _ino, entry, _slot = await self._child(ino & ~INDEX_MASK, (ino & INDEX_MASK) - 1)
+        _ino, entry, slot = await self._child(ino & ~INDEX_MASK, (ino & INDEX_MASK) - 1)
         if not entry.is_symlink:
             raise VfsError(errno.EINVAL)
-        return entry.target  # type: ignore[return-value]
+        target: bytes = entry.target  # type: ignore[assignment]
+        link_path = slot.path + b"/" + entry.name if slot.path else entry.name
+        # The mount applies pull's rule: a link that resolves outside its own
+        # snapshot (absolute, or climbing out through `..` and other links) is
+        # refused, so a snapshot cannot lead a reader to the host's files.
+        # SnapfsError: fuseops logs it with the snapshot and path, and answers EIO.
+        if await self._link_escapes(slot.snapshot_id, link_path, target):
+            raise SnapfsError(
+                f"symlink -> {fmt.display_name(target)} resolves outside snapshot {slot.snapshot_id}; refused"
+            )
+        return target
+
+    async def _link_escapes(self, snapshot_id: str, link_path: bytes, target: bytes) -> bool:
+        """Drive snapfs.links.LinkResolution over this mount's trees."""
+        resolution = LinkResolution(link_path, target)
+        while (needed := resolution.needs()) is not None:
+            resolution.feed(await self._snapshot_entry(snapshot_id, needed))
+        return bool(resolution.escapes)
+
+    async def _snapshot_entry(self, snapshot_id: str, path: bytes) -> Entry | None:
+        """The entry at ``path`` inside a snapshot, or None if there is none."""
+        tree_id, entry = snapshot_id, None
+        parts = path.split(b"/")
+        for depth, part in enumerate(parts):
+            if entry is not None:
+                if not entry.is_dir:
+                    return None
+                tree_id = entry.tree_id  # type: ignore[assignment]
+            tree = await self._tree(tree_id, snapshot_id, b"/".join(parts[:depth]))
+            index = tree.index.get(part)
+            if index is None:
+                return None
+            entry = tree.entries[index]
+        return entry
 
     async def open(self, ino: int, flags: int) -> int:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):

@@ -253,6 +253,9 @@ class ObjectSource:
         self.on_fetch = on_fetch  # callback(seconds, nbytes) for metrics
         self._nursery: trio.Nursery | None = None
         self._prefetch_slots = trio.Semaphore(16)
+        self._pending_writes = 0
+        self._writes_idle = trio.Event()
+        self._writes_idle.set()
 
     async def __aenter__(self) -> ObjectSource:
         self._nursery_cm = trio.open_nursery()
@@ -262,6 +265,12 @@ class ObjectSource:
 
     async def __aexit__(self, *exc) -> bool | None:
         assert self._nursery is not None
+        # Verified bytes waiting to be written are worth keeping: let queued
+        # write-backs finish (bounded) before cancelling everything else.
+        with trio.move_on_after(30):
+            await self._writes_idle.wait()
+        if self._pending_writes:
+            log.warning("leaving %d objects unwritten to the cache at shutdown", self._pending_writes)
         self._nursery.cancel_scope.cancel()
         result = await self._nursery_cm.__aexit__(*exc)
         await trio.to_thread.run_sync(self.cache.flush_touches)
@@ -354,6 +363,8 @@ class ObjectSource:
                 if self.on_fetch:
                     self.on_fetch(elapsed, len(data))
                 assert self._nursery is not None
+                self._pending_writes += 1
+                self._writes_idle = trio.Event()
                 self._nursery.start_soon(self._write_back, object_id, data)
             if expected_size is not None and len(data) != expected_size:
                 raise IntegrityError(
@@ -386,5 +397,9 @@ class ObjectSource:
         except SnapfsError as exc:
             log.warning("cannot cache object %s: %s", object_id, exc)
             ok = False
+        finally:
+            self._pending_writes -= 1
+            if self._pending_writes == 0:
+                self._writes_idle.set()
         if not ok:
             self.counters.cache_write_failures += 1

@@ -33,7 +33,8 @@ class Ctx:
 
     def s3_env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update(self.server.env())
+        if self.server is not None:  # sections that need no S3 run without one
+            env.update(self.server.env())
         return env
 
     def bucket(self, name: str) -> str:

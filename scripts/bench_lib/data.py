@@ -220,14 +220,14 @@ def _write_scale_dir(args: tuple[str, int, int]) -> None:
             os.close(fd)
 
 
-def generate_scale(workdir: Path, dirs: int = 1000, files: int = 1000) -> Path:
-    """A tree of dirs x files tiny files; reused when its stamp matches."""
+def generate_scale(workdir: Path, dirs: int = 1000, files: int = 1000) -> tuple[Path, bool]:
+    """A tree of dirs x files tiny files, reused when its stamp matches; (root, newly generated)."""
     root = workdir / "scale"
     stamp_path = workdir / "scale.stamp.json"
     stamp = {"format": FORMAT_VERSION, "dirs": dirs, "files": files}
     if stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
         log.info("scale: reusing %s", root)
-        return root
+        return root, False
     if root.exists():
         shutil.rmtree(root)
     start = time.monotonic()
@@ -235,7 +235,7 @@ def generate_scale(workdir: Path, dirs: int = 1000, files: int = 1000) -> Path:
         pool.map(_write_scale_dir, [(str(root), d, files) for d in range(dirs)], chunksize=8)
     stamp_path.write_text(json.dumps(stamp))
     log.info("scale: generated %d files in %.1f s", dirs * files, time.monotonic() - start)
-    return root
+    return root, True
 
 
 def change_scale_files(root: Path, count: int = 10) -> list[str]:

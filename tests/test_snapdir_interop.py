@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import test_snapdir_compat
 from test_mount import mounted
-from test_snapdir_compat import SnapdirRunner, snapdir_runner  # noqa: F401 (a fixture)
+from test_snapdir_compat import SnapdirRunner
 from test_snapdir_compat import make_mixed_tree as make_snapdir_tree
 
 from snapfs import records
@@ -26,6 +27,8 @@ from snapfs.hashing import hash_bytes
 from snapfs.repo import Repo
 
 SNAPFS = [sys.executable, "-m", "snapfs.cli.main"]
+# The real package in its own virtualenv, shared with test_snapdir_compat (a session fixture).
+snapdir_runner = test_snapdir_compat.snapdir_runner
 LEAF = "data/nested/deep/leaf.bin"  # 9 MiB: a whole object above the chunk limit and the part size
 
 
@@ -127,7 +130,9 @@ def test_mount_refuses_objects_over_the_limit_with_eio(snapdir_runner: SnapdirRu
     store = tmp_path / "snapdir-store"
     [result] = snapdir_runner.run(["push", str(tree), "file://" + str(store)])
     cache = tmp_path / "cache"
-    with mounted(tmp_path / "mnt", "snapdir+file://" + str(store), cache, "--snapdir-max-object", "1M") as mnt:
+    with mounted(
+        tmp_path / "mnt", "snapdir+file://" + str(store), cache, "--snapdir-max-object", "1M"
+    ) as mnt:
         root = mnt / result["id"]
         with pytest.raises(OSError) as caught:
             (root / LEAF).read_bytes()
@@ -140,7 +145,9 @@ def test_mount_refuses_objects_over_the_limit_with_eio(snapdir_runner: SnapdirRu
 def test_import_then_pull_round_trips_and_records_the_snapdir_id(snapdir_store, tmp_path: Path) -> None:
     tree, url, snapdir_id = snapdir_store
     store = "file://" + str(tmp_path / "snapfs-store")
-    out = json.loads(cli("import", snapdir_id, "--from", url, "--store", store, "--name", "corpus@1", "--json").stdout)
+    out = json.loads(
+        cli("import", snapdir_id, "--from", url, "--store", store, "--name", "corpus@1", "--json").stdout
+    )
     snapshot_id = out["id"]
     assert out["uploaded_objects"] > 0 and out["files"] > 30
     shown = json.loads(cli("show", "corpus@1", "--store", store, "--json").stdout)
@@ -171,7 +178,9 @@ def _corrupt_object(store: Path, checksum: str) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_corrupt_object_fails_pull_and_gives_eio_in_the_mount(snapdir_runner: SnapdirRunner, tmp_path: Path) -> None:
+def test_corrupt_object_fails_pull_and_gives_eio_in_the_mount(
+    snapdir_runner: SnapdirRunner, tmp_path: Path
+) -> None:
     tree = make_snapdir_tree(tmp_path / "tree", tmp_path / "outside")
     store = tmp_path / "snapdir-store"
     [result] = snapdir_runner.run(["push", str(tree), "file://" + str(store)])

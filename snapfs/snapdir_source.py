@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 SMALL_OBJECT = MAX_CHUNK_SIZE
 _MAPPED_OBJECTS = 64
 _PARTS_PER_OBJECT = 8
+_BIG_FETCHES = 4
 
 
 class _BigFlight:
@@ -114,6 +115,8 @@ class SnapdirObjectSource(ObjectSource):
         self.snapdir_repo = repo
         self.max_object = repo.max_object
         self.tree_limiter = trio.CapacityLimiter(4)
+        # Each big fetch runs its own ranged GETs in parallel: bound how many at once.
+        self.big_limiter = trio.CapacityLimiter(_BIG_FETCHES)
         self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
         self._big_flights: dict[str, _BigFlight] = {}
 
@@ -151,10 +154,9 @@ class SnapdirObjectSource(ObjectSource):
     async def _fly_big(self, object_id: str, size: int, flight: _BigFlight) -> None:
         try:
             started = time.monotonic()
-            async with self.fetch_limiter:
-                mapped, fetched = await trio.to_thread.run_sync(
-                    fetch_into_cache, self.snapdir_repo, self.cache, object_id, size
-                )
+            mapped, fetched = await trio.to_thread.run_sync(
+                fetch_into_cache, self.snapdir_repo, self.cache, object_id, size, limiter=self.big_limiter
+            )
             if fetched:
                 self.counters.misses += 1
                 self.counters.fetched_bytes += size

@@ -21,10 +21,11 @@ from test_mount import mounted
 from test_snapdir_compat import SnapdirRunner
 from test_snapdir_compat import make_mixed_tree as make_snapdir_tree
 
-from snapfs import records
+from snapfs import records, snapdir_repo
 from snapfs import snapdir as sd
 from snapfs.hashing import hash_bytes
 from snapfs.repo import Repo
+from snapfs.snapshot import walk
 
 SNAPFS = [sys.executable, "-m", "snapfs.cli.main"]
 # The real package in its own virtualenv, shared with test_snapdir_compat (a session fixture).
@@ -234,3 +235,23 @@ def test_snapdir_stores_are_never_written_or_created(tmp_path: Path) -> None:
     out = cli("ls", "0" * 64, "--store", "snapdir+file://" + str(missing), ok=False)
     assert out.returncode == 5 and "does not exist" in out.stderr
     assert not missing.exists()
+
+
+@pytest.mark.parametrize("by_listing", [False, True], ids=["head", "list"])
+def test_file_sizes_come_from_the_objects(
+    snapdir_store, by_listing: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree, url, snapdir_id = snapdir_store
+    if by_listing:
+        monkeypatch.setattr(snapdir_repo, "_LIST_MIN_STATS", 1)
+    repo = Repo.open(url)
+    assert isinstance(repo, snapdir_repo.SnapdirRepo)
+    files, _dirs = expected_files(tree)
+    sizes = {}
+    for path, entry in walk(repo, snapdir_id):
+        if entry.is_file:
+            sizes[path.decode()] = entry.size
+    assert sizes == {path: len(content) for path, (content, _exec) in files.items()}
+    # The quirk this guards against: the manifest records the link's length for to_file.
+    manifest = {e.path: e.size for e in sd.snapdir_entries(tree)}
+    assert manifest["links/to_file"] == len("../README.md") != sizes["links/to_file"]

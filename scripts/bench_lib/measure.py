@@ -101,11 +101,11 @@ def measure_tree(
         record_daemon(results, tool, pids())
 
 
-def record_daemon(results: Results, tool: str, pids: list[int]) -> None:
+def record_daemon(results: Results, tool: str, pids: list[int], when: str = "after the reads") -> None:
     if not pids:
         results.fail(tool, "daemon stats", "daemon pid not found")
         return
     rss, hwm, cpu = tree_stats(pids)
-    results.add(tool, "rss_mb", rss, "MB", "daemon RSS after the reads")
+    results.add(tool, "rss_mb", rss, "MB", f"daemon RSS {when}")
     results.add(tool, "rss_peak_mb", hwm, "MB")
-    results.add(tool, "cpu_s", cpu, "s", "daemon CPU seconds, mount to end of reads")
+    results.add(tool, "cpu_s", cpu, "s", f"daemon CPU seconds, from mount to {when.removeprefix('after ')}")

@@ -357,7 +357,7 @@ def scale(ctx: Ctx) -> None:
         seconds, count = count_find(mnt / id1, timeout=3600)
         ctx.results.add(tool, "find_s", seconds, "s", f"{count} entries")
         mount.status()
-        record_daemon(ctx.results, tool, mount.pids)
+        record_daemon(ctx.results, tool, mount.pids, when="after find")
 
     changed = change_scale_files(tree, 10)
     try:

@@ -220,18 +220,24 @@ class SnapdirRepo(Repo):
         return loaded
 
     def _object_sizes(self, entries: list[sd.SnapdirEntry]) -> dict[str, int]:
+        # SIZEs above the longest link target, per content: the real lstat size of a regular file.
+        claimed: dict[str, set[int]] = {}
+        for entry in entries:
+            if entry.kind == sd.KIND_FILE:
+                sizes_seen = claimed.setdefault(entry.checksum, set())
+                if entry.size > MAX_LINK_SIZE:
+                    sizes_seen.add(entry.size)
         sizes: dict[str, int] = {}
         to_stat: set[str] = set()
-        for entry in entries:
-            if entry.kind != sd.KIND_FILE:
-                continue
-            if entry.checksum == sd.EMPTY_CHECKSUM:
-                sizes[entry.checksum] = 0
-            elif entry.size <= MAX_LINK_SIZE:
-                to_stat.add(entry.checksum)  # maybe a followed symlink: SIZE is the link's length
+        for checksum, sizes_seen in claimed.items():
+            if checksum == sd.EMPTY_CHECKSUM:
+                sizes[checksum] = 0
+            elif len(sizes_seen) == 1:
+                sizes[checksum] = next(iter(sizes_seen))
             else:
-                sizes.setdefault(entry.checksum, entry.size)
-        to_stat -= sizes.keys()  # the same content listed elsewhere with its real size
+                # Only link-sized SIZEs (maybe followed symlinks), or lines that
+                # disagree about one content (a hostile manifest): the object decides.
+                to_stat.add(checksum)
 
         if "s3://" in self.url and len(to_stat) >= _LIST_MIN_STATS:
             sizes.update(self._sizes_by_listing(to_stat))

@@ -34,6 +34,7 @@ from collections import OrderedDict
 
 import trio
 
+from . import snapdir as sd
 from .cache import DiskCache, ObjectSource
 from .errors import IntegrityError, NotFoundError, SnapfsError
 from .format import MAX_CHUNK_SIZE, Entry
@@ -65,9 +66,7 @@ def _map_file(path: str) -> mmap.mmap:
         os.close(fd)  # the map keeps its own reference to the file
 
 
-def fetch_into_cache(
-    repo: SnapdirRepo, cache: DiskCache, object_id: str, size: int
-) -> tuple[mmap.mmap, bool]:
+def fetch_into_cache(repo: SnapdirRepo, cache: DiskCache, object_id: str) -> tuple[mmap.mmap, bool]:
     """A read-only map of the verified object in the disk cache; True if it had to be fetched.
 
     Blocking: call in a worker thread. Same crash rules as DiskCache.insert:
@@ -80,6 +79,13 @@ def fetch_into_cache(
         return mapped, False
     except FileNotFoundError:
         pass
+    # The object's own size, not the manifest's: the caller compares the two.
+    try:
+        size = repo.store.stat(sd.object_key(object_id)).size
+    except NotFoundError as exc:
+        raise NotFoundError(f"snapdir object {object_id}: missing from {repo.url}") from exc
+    if size > repo.max_object:
+        raise too_large_error(object_id, size, repo.max_object)
     if cache.max_bytes is not None:
         if size > cache.max_bytes:
             raise SnapfsError(
@@ -92,9 +98,7 @@ def fetch_into_cache(
     tmp = os.path.join(directory, f".tmp-{os.getpid()}-{threading.get_ident()}-{object_id[:16]}")
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        fetched = fetch_object_to_fd(repo.store, object_id, fd, size=size, jobs=_PARTS_PER_OBJECT)
-        if fetched != size:
-            raise IntegrityError(f"snapdir object {object_id} is {fetched} bytes, the manifest says {size}")
+        fetch_object_to_fd(repo.store, object_id, fd, size=size, jobs=_PARTS_PER_OBJECT)
         if cache.fsync:
             os.fsync(fd)
     except BaseException:
@@ -135,28 +139,37 @@ class SnapdirObjectSource(ObjectSource):
         if mapped is not None:
             self._maps.move_to_end(object_id)
             self.counters.memory_hits += 1
-            return mapped
-        if expected_size > self.max_object:
-            self.counters.fetch_errors += 1
-            raise too_large_error(object_id, expected_size, self.max_object)
-        flight = self._big_flights.get(object_id)
-        if flight is None:
-            flight = _BigFlight()
-            self._big_flights[object_id] = flight
-            assert self._nursery is not None, "SnapdirObjectSource used outside its async context"
-            self._nursery.start_soon(self._fly_big, object_id, expected_size, flight)
-        await flight.done.wait()
-        if flight.error is not None:
-            raise flight.error
-        assert flight.mapped is not None
-        return flight.mapped
+        else:
+            if expected_size > self.max_object:
+                self.counters.fetch_errors += 1
+                raise too_large_error(object_id, expected_size, self.max_object)
+            flight = self._big_flights.get(object_id)
+            if flight is None:
+                flight = _BigFlight()
+                self._big_flights[object_id] = flight
+                assert self._nursery is not None, "SnapdirObjectSource used outside its async context"
+                self._nursery.start_soon(self._fly_big, object_id, flight)
+            await flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            assert flight.mapped is not None
+            mapped = flight.mapped
+        # Checked for every caller: two manifest lines may claim different sizes
+        # for one checksum (a hostile manifest); the object's own length decides.
+        if len(mapped) != expected_size:
+            self.counters.verify_failures += 1
+            raise IntegrityError(
+                f"snapdir object {object_id} is {len(mapped)} bytes, the manifest says {expected_size}"
+            )
+        return mapped
 
-    async def _fly_big(self, object_id: str, size: int, flight: _BigFlight) -> None:
+    async def _fly_big(self, object_id: str, flight: _BigFlight) -> None:
         try:
             started = time.monotonic()
             mapped, fetched = await trio.to_thread.run_sync(
-                fetch_into_cache, self.snapdir_repo, self.cache, object_id, size, limiter=self.big_limiter
+                fetch_into_cache, self.snapdir_repo, self.cache, object_id, limiter=self.big_limiter
             )
+            size = len(mapped)
             if fetched:
                 self.counters.misses += 1
                 self.counters.fetched_bytes += size
@@ -165,10 +178,6 @@ class SnapdirObjectSource(ObjectSource):
                     self.on_fetch(time.monotonic() - started, size)
             else:
                 self.counters.disk_hits += 1
-            if len(mapped) != size:
-                raise IntegrityError(
-                    f"snapdir object {object_id} is {len(mapped)} bytes, the manifest says {size}"
-                )
             self._maps[object_id] = mapped
             while len(self._maps) > _MAPPED_OBJECTS:
                 self._maps.popitem(last=False)  # not closed: see the module docstring

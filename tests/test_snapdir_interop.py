@@ -255,3 +255,73 @@ def test_file_sizes_come_from_the_objects(
     # The quirk this guards against: the manifest records the link's length for to_file.
     manifest = {e.path: e.size for e in sd.snapdir_entries(tree)}
     assert manifest["links/to_file"] == len("../README.md") != sizes["links/to_file"]
+
+
+def _write_snapdir_store(store: Path, files: dict[str, tuple[bytes, int]]) -> str:
+    """A one-directory snapdir store by hand: {name: (content, SIZE to record)}; returns the ID."""
+    lines, checksums = [], []
+    for name, (content, size) in sorted(files.items()):
+        checksum = hash_bytes(content)
+        checksums.append(checksum)
+        lines.append(f"F 644 {checksum} {size} ./{name}\n")
+        key = store / sd.object_key(checksum)
+        key.parent.mkdir(parents=True, exist_ok=True)
+        key.write_bytes(content)
+    root = f"D 755 {hash_bytes(''.join(sorted(set(checksums))).encode())} {sum(s for _, s in files.values())} ./\n"
+    manifest = (root + "".join(lines)).encode()
+    snapdir_id = hash_bytes(manifest)
+    key = store / sd.manifest_key(snapdir_id)
+    key.parent.mkdir(parents=True, exist_ok=True)
+    key.write_bytes(manifest)
+    return snapdir_id
+
+
+def test_vfs_never_serves_an_object_at_a_size_the_manifest_lies_about(tmp_path: Path) -> None:
+    """Two lines share one checksum; one claims the wrong SIZE. Without FUSE: the vfs and its source."""
+    import trio
+
+    from snapfs.cache import DiskCache
+    from snapfs.errors import IntegrityError
+    from snapfs.snapdir_source import SnapdirObjectSource
+    from snapfs.vfs import ROOT_INODE, SnapshotFS
+
+    big = os.urandom(6 << 20)  # above the 4 MiB whole-object threshold: the memory-mapped path
+    other = os.urandom(5 << 20)
+    small = b"x" * 5000
+    snapdir_id = _write_snapdir_store(
+        tmp_path / "store",
+        {
+            # Two lines, one content, two SIZEs: the object's own size decides for both.
+            "big": (big, len(big)),
+            "big-lie": (big, len(big) - 1),
+            # One line, a wrong SIZE, nothing to contradict it: reads must fail.
+            "other-lie": (other, len(other) + 7),
+            "small-lie": (small, 6000),
+        },
+    )
+    repo = Repo.open("snapdir+file://" + str(tmp_path / "store"))
+
+    async def main() -> None:
+        cache = DiskCache(str(tmp_path / "cache"), fsync=False)
+        try:
+            async with SnapdirObjectSource(repo, cache) as source:
+                fs = SnapshotFS(source, tree_loader=source.load_tree)
+                root = (await fs.lookup(ROOT_INODE, snapdir_id.encode())).ino
+
+                async def read(name: bytes) -> bytes:
+                    attr = await fs.lookup(root, name)
+                    fh = await fs.open(attr.ino, os.O_RDONLY)
+                    try:
+                        return await fs.read(fh, 0, attr.size)
+                    finally:
+                        fs.release(fh)
+
+                assert await read(b"big") == big and await read(b"big-lie") == big
+                for liar in (b"other-lie", b"small-lie"):
+                    with pytest.raises(IntegrityError, match="bytes"):
+                        await read(liar)
+                assert source.counters.verify_failures == 2
+        finally:
+            cache.close()
+
+    trio.run(main)

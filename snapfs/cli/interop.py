@@ -24,6 +24,7 @@ from ..hashing import hash_bytes
 from ..repo import Repo
 from ..snapdir import render_manifest, snapdir_entries
 from ..snapdir_repo import MAX_OBJECT_ENV, SnapdirRepo
+from ..store import default_store_url
 from ..store.snapdir import is_snapdir_url
 from .common import human_bytes, open_repo, parse_size, print_json, progress_bar, stderr
 
@@ -116,7 +117,9 @@ def register(subparsers, common) -> None:
     ident.epilog = (ident.epilog or "") + "\n  snapfs id --format snapdir ./data   # the snapdir package's ID"
 
     pull = subparsers.choices["pull"]
-    pull.set_defaults(func=_chain(pull, cmd_pull_snapdir, lambda args: is_snapdir_url(args.store)))
+    pull.set_defaults(
+        func=_chain(pull, cmd_pull_snapdir, lambda args: is_snapdir_url(args.store or default_store_url()))
+    )
     pull.epilog = (pull.epilog or "") + "\n  snapfs pull SNAPDIR_ID ./copy --store snapdir+s3://bucket/prefix"
 
     mount = subparsers.choices["mount"]

@@ -44,6 +44,28 @@ _TMP_PREFIX = ".tmp-"
 _LOW_WATERMARK = 0.9
 
 
+def _writer_alive(temp_name: str) -> bool:
+    """Whether the process named in ``.tmp-<pid>-<thread>-<id>`` may still be writing it."""
+    pid_text = temp_name[len(_TMP_PREFIX) :].split("-", 1)[0]
+    if not pid_text.isdigit():
+        return True  # not our naming: leave it to the age rule
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    try:
+        # A killed process stays a zombie until its parent reaps it: dead all the same.
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
 class DiskCache:
     def __init__(self, directory: str, max_bytes: int | None = None, *, fsync: bool = True) -> None:
         self.directory = os.path.abspath(directory)
@@ -68,8 +90,13 @@ class DiskCache:
         return os.path.join(self.objects_dir, object_id[:2], object_id[2:])
 
     def sweep_temp(self) -> int:
-        """Remove temp files left by a crash. Only files older than a minute: another
-        process may be writing right now."""
+        """Remove temp files left by a crash: at once if the process that wrote one
+        is gone (its pid is in the name), else once it is older than a minute.
+
+        The pid check makes a restart after kill -9 clean right away. It can err
+        only towards deleting: a writer in another pid namespace sharing this
+        directory may look dead. That costs it one cache write (its rename fails,
+        it logs and serves the bytes anyway), never a wrong byte."""
         removed = 0
         cutoff = time.time() - 60
         for dirpath, _dirs, files in os.walk(self.objects_dir):
@@ -77,7 +104,7 @@ class DiskCache:
                 if name.startswith(_TMP_PREFIX):
                     path = os.path.join(dirpath, name)
                     try:
-                        if os.stat(path).st_mtime < cutoff:
+                        if not _writer_alive(name) or os.stat(path).st_mtime < cutoff:
                             os.unlink(path)
                             removed += 1
                     except FileNotFoundError:

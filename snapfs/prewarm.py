@@ -212,6 +212,10 @@ def prewarm(
     """
     started = time.monotonic()
     pin_name = snapshot_id if pin else None
+    # A prewarm killed mid-write leaves temp files; their writer's pid is dead.
+    swept = cache.sweep_temp()
+    if swept:
+        log.info("swept %d temp files left in %s by a crash", swept, cache.directory)
     # Plan without pinning: a prewarm refused for lack of room must leave no pins behind.
     the_plan = plan(repo, cache, snapshot_id, paths, jobs=min(jobs, 32))
     if on_plan:

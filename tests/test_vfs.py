@@ -330,7 +330,7 @@ def test_temp_files_are_swept(tmp_path: Path):
         stale.write_bytes(b"torn")
         old = time.time() - 3600
         os.utime(stale, (old, old))
-        fresh = stale.with_name(".tmp-999-1-fresh")
+        fresh = stale.with_name(f".tmp-{os.getppid()}-1-fresh")  # its writer is alive
         fresh.write_bytes(b"being written by another process")
         assert cache.sweep_temp() == 1
         assert not stale.exists() and fresh.exists()

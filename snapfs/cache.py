@@ -81,6 +81,7 @@ class DiskCache:
         self._touched: dict[str, None] = {}
         self._touch_lock = threading.Lock()
         self.write_failures = 0
+        self.disk_full = False
 
     def close(self) -> None:
         self.flush_touches()
@@ -171,6 +172,7 @@ class DiskCache:
                 pass
             self.write_failures += 1
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.disk_full = True  # for batch writers (prewarm), which stop on it
                 log.warning(
                     "cache disk %s is full; serving object %s without caching it", self.directory, object_id
                 )

@@ -256,14 +256,27 @@ def prewarm(
             cache.index.touch_many(oid for oid, _size in present[i : i + 10_000])
 
     lock = threading.Lock()
+    disk_full = threading.Event()
 
     def fetch(item: tuple[str, int]) -> None:
         object_id, size = item
+        if disk_full.is_set():
+            # Fetching the rest would only throw it away (and one log line each would
+            # bury the reason): listed as failed, unlogged.
+            with lock:
+                result.failed.append(f"{object_id}: not fetched, the cache disk {cache.directory} is full")
+            return
         try:
             data = repo.get_object(object_id, "chunk")
             if len(data) != size:
                 raise SnapfsError(f"chunk {object_id} is {len(data)} bytes, the tree says {size}")
             if not cache.insert(object_id, data, pin=pin_name, verified=True):
+                if cache.disk_full:
+                    disk_full.set()
+                    raise CacheFullError(
+                        f"cannot write object {object_id}: the cache disk {cache.directory} is full "
+                        "(no space left on device); free space or lower --cache-size, then rerun"
+                    )
                 raise SnapfsError(f"could not write object {object_id} to the cache {cache.directory}")
         except (NotFoundError, SnapfsError) as exc:
             log.error("prewarm of %s: %s", snapshot_id, exc)

@@ -205,18 +205,21 @@ class SnapdirRepo(Repo):
                 return loaded
             load_lock = self._load_locks.setdefault(snapdir_id, threading.Lock())
         with load_lock:  # one loader per snapshot; the others wait and reuse its work
-            with self._lock:
-                loaded = self._loaded.get(snapdir_id)
-            if loaded is None:
-                loaded = self._load(snapdir_id)
+            try:
                 with self._lock:
-                    self._loaded[snapdir_id] = loaded
-                    for tree_id in loaded.trees:
-                        self._tree_owner[tree_id] = snapdir_id
-                    while len(self._loaded) > _LOADED_SNAPSHOTS:
-                        self._loaded.popitem(last=False)
-            with self._lock:
-                self._load_locks.pop(snapdir_id, None)
+                    loaded = self._loaded.get(snapdir_id)
+                if loaded is None:
+                    loaded = self._load(snapdir_id)
+                    with self._lock:
+                        self._loaded[snapdir_id] = loaded
+                        for tree_id in loaded.trees:
+                            self._tree_owner[tree_id] = snapdir_id
+                        while len(self._loaded) > _LOADED_SNAPSHOTS:
+                            self._loaded.popitem(last=False)
+            finally:
+                # Also after a failure: a lookup of a made-up ID must leave nothing behind.
+                with self._lock:
+                    self._load_locks.pop(snapdir_id, None)
         return loaded
 
     def _object_sizes(self, entries: list[sd.SnapdirEntry]) -> dict[str, int]:

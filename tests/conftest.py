@@ -71,3 +71,6 @@ def file_store_url(tmp_path: Path) -> str:
 def store_url(request: pytest.FixtureRequest) -> str:
     """A fresh store URL of each backend kind."""
     return request.getfixturevalue(f"{request.param}_store_url")
+
+
+from support.faultproxy import fault_proxy  # noqa: E402, F401

@@ -62,7 +62,7 @@ _PARTS_PER_OBJECT = 4
 def _jobs(repo: Repo, jobs: int | None) -> int:
     if jobs:
         return jobs
-    return 16 if "s3://" in repo.url else 8
+    return 32 if "s3://" in repo.url else 8
 
 
 # --- pull ------------------------------------------------------------------------

@@ -393,7 +393,10 @@ class ObjectSource:
                     self.on_fetch(elapsed, len(data))
                 assert self._nursery is not None
                 self._pending_writes += 1
-                self._writes_idle = trio.Event()
+                # A new Event only when idle: shutdown may already wait on the
+                # current one, which must be the one set when writes drain.
+                if self._writes_idle.is_set():
+                    self._writes_idle = trio.Event()
                 self._nursery.start_soon(self._write_back, object_id, data)
             if expected_size is not None and len(data) != expected_size:
                 raise IntegrityError(

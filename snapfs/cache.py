@@ -73,6 +73,9 @@ class DiskCache:
         self.max_bytes = max_bytes
         self.fsync = fsync
         try:
+            # Private when we create it: the cache holds the plain bytes of every
+            # snapshot read here, and a mount without --allow-other is private too.
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
             os.makedirs(self.objects_dir, exist_ok=True)
         except OSError as exc:
             raise SnapfsError(f"cannot create cache directory {self.directory}: {exc.strerror}") from exc

@@ -360,7 +360,8 @@ def mount(config: MountConfig) -> int:
         return _serve(config, mountpoint, None)
 
     log_file = config.log_file or os.path.join(config.cache_dir, "mount.log")
-    os.makedirs(os.path.dirname(log_file), exist_ok=True)
+    # Usually the cache directory, created here first: private, as DiskCache makes it.
+    os.makedirs(os.path.dirname(log_file), mode=0o700, exist_ok=True)
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon

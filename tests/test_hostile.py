@@ -906,7 +906,8 @@ def test_mount_is_read_only_default_permissions_and_private_by_default(writer: H
         for allow_other in (False, True):
             mnt = base / ("shared" if allow_other else "private")
             extra = ["--allow-other"] if allow_other else []
-            with mounted(mnt, writer.repo.url, tmp_path / "cache", *extra):
+            cache = base / f"cache-{allow_other}"
+            with mounted(mnt, writer.repo.url, cache, *extra):
                 options = next(
                     line.split()[3].split(",")
                     for line in Path("/proc/mounts").read_text().splitlines()
@@ -921,6 +922,10 @@ def test_mount_is_read_only_default_permissions_and_private_by_default(writer: H
                     assert other.returncode != 0 and "Permission denied" in other.stderr, other
                     # The owner reads it, of course.
                     assert (mnt / snapshot_id / "a.txt").read_text() == "private\n"
+                    # Nor can they go round the mount: the cache they would read is private.
+                    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+                    chunk_file = next(cache.glob("objects/*/*"))
+                    assert _as_nobody("cat", str(chunk_file)).returncode != 0
                 # Nobody writes, not even root (read-only mount, EROFS).
                 with pytest.raises(OSError) as caught:
                     (mnt / snapshot_id / "new").write_text("x")

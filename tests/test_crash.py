@@ -606,8 +606,14 @@ def test_push_during_gc_never_marks_a_hole(
         _, push_err = pusher.communicate(timeout=180)
         assert gc.returncode == 0, gc_err
         assert pusher.returncode == 0, push_err
-        waited = "push waited for gc" if "waiting for gc" in push_err else ""
-        waited += "gc waited for push" if "running push(es)" in gc_err else ""
+        waited = " and ".join(
+            w
+            for w, seen in (
+                ("push waited for gc", "waiting for gc" in push_err),
+                ("gc waited for push", "running push(es)" in gc_err),
+            )
+            if seen
+        )
         assert waited, (first, gc_err, push_err)
         outcomes.append(waited)
         s3_proxy.clear()

@@ -97,3 +97,38 @@ def progress_bar(
         yield bar.update
     finally:
         bar.close()
+
+
+def add_command(subparsers, common, name: str, help: str, epilog: str, func) -> argparse.ArgumentParser:
+    """A subcommand with the common options, its help as description, and verbatim examples."""
+    parser = subparsers.add_parser(
+        name,
+        parents=[common],
+        help=help,
+        description=help,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(func=func)
+    return parser
+
+
+def arg_type(check):
+    """Wrap a validator that raises UsageError so argparse reports its message before any work starts."""
+
+    def convert(text: str):
+        try:
+            return check(text)
+        except UsageError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    convert.__name__ = check.__name__
+    return convert
+
+
+def name_arg(text: str) -> str:
+    """argparse type for a snapshot name (validated without touching the store)."""
+    from ..records import validate_name
+
+    validate_name(text)
+    return text

@@ -9,24 +9,11 @@ import time
 from .. import snapshot
 from ..format import display_name
 from ..scan import scan
-from .common import human_bytes, open_repo, print_json, progress_bar, resolve, stderr
-
-
-def _add(subparsers, common, name: str, help: str, epilog: str, func) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        name,
-        parents=[common],
-        help=help,
-        description=help,
-        epilog=epilog,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.set_defaults(func=func)
-    return parser
+from .common import add_command, human_bytes, open_repo, print_json, progress_bar, resolve, stderr
 
 
 def register(subparsers, common) -> None:
-    p = _add(
+    p = add_command(
         subparsers,
         common,
         "id",
@@ -38,7 +25,7 @@ def register(subparsers, common) -> None:
     )
     p.add_argument("path", help="directory to identify")
 
-    p = _add(
+    p = add_command(
         subparsers,
         common,
         "push",
@@ -54,7 +41,7 @@ def register(subparsers, common) -> None:
     )
     p.set_defaults(push_extra=None, push_precheck=None)
 
-    p = _add(
+    p = add_command(
         subparsers,
         common,
         "pull",
@@ -72,7 +59,7 @@ def register(subparsers, common) -> None:
     )
     p.add_argument("-j", "--jobs", type=int, default=None, help="concurrent downloads")
 
-    p = _add(
+    p = add_command(
         subparsers,
         common,
         "verify",
@@ -84,7 +71,7 @@ def register(subparsers, common) -> None:
     p.add_argument("path", help="local directory")
     p.add_argument("ref", help="snapshot reference")
 
-    p = _add(
+    p = add_command(
         subparsers,
         common,
         "ls",
@@ -97,7 +84,7 @@ def register(subparsers, common) -> None:
     p.add_argument("-l", "--long", action="store_true", help="mode, size and content ID")
     p.add_argument("-R", "--recursive", action="store_true", help="list subdirectories too")
 
-    p = _add(
+    p = add_command(
         subparsers,
         common,
         "cat",
@@ -108,7 +95,7 @@ def register(subparsers, common) -> None:
     p.add_argument("ref", help="snapshot reference")
     p.add_argument("path", help="file inside the snapshot")
 
-    p = _add(
+    p = add_command(
         subparsers,
         common,
         "manifest",
@@ -120,7 +107,7 @@ def register(subparsers, common) -> None:
     )
     p.add_argument("ref", help="snapshot reference")
 
-    p = _add(
+    p = add_command(
         subparsers,
         common,
         "diff",
@@ -134,7 +121,7 @@ def register(subparsers, common) -> None:
     p.add_argument("new", help="newer snapshot reference")
     p.add_argument("--stat", action="store_true", help="only the summary counts")
 
-    p = _add(
+    p = add_command(
         subparsers,
         common,
         "fsck",

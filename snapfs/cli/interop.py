@@ -26,40 +26,21 @@ from ..snapdir import render_manifest, snapdir_entries
 from ..snapdir_repo import MAX_OBJECT_ENV, SnapdirRepo
 from ..store import default_store_url
 from ..store.snapdir import is_snapdir_url
-from .common import human_bytes, open_repo, parse_size, print_json, progress_bar, stderr
-
-
-def _arg_type(check):
-    def convert(text: str):
-        try:
-            return check(text)
-        except UsageError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from exc
-
-    convert.__name__ = check.__name__
-    return convert
-
-
-def _name(text: str) -> str:
-    records.validate_name(text)
-    return text
-
-
-def _add(subparsers, common, name: str, help: str, epilog: str, func) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        name,
-        parents=[common],
-        help=help,
-        description=help,
-        epilog=epilog,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.set_defaults(func=func)
-    return parser
+from .common import (
+    add_command,
+    arg_type,
+    human_bytes,
+    name_arg,
+    open_repo,
+    parse_size,
+    print_json,
+    progress_bar,
+    stderr,
+)
 
 
 def register(subparsers, common) -> None:
-    p = _add(
+    p = add_command(
         subparsers,
         common,
         "sync",
@@ -82,7 +63,7 @@ def register(subparsers, common) -> None:
         "-j", "--jobs", type=int, default=None, help="concurrent copies (default 32 with S3, else 8)"
     )
 
-    p = _add(
+    p = add_command(
         subparsers,
         common,
         "import",
@@ -99,10 +80,10 @@ def register(subparsers, common) -> None:
     p.add_argument(
         "--from", dest="source", required=True, metavar="URL", help="snapdir+file://… or snapdir+s3://…"
     )
-    p.add_argument("--name", type=_arg_type(_name), help="create-once name for the imported snapshot")
+    p.add_argument("--name", type=arg_type(name_arg), help="create-once name for the imported snapshot")
     p.add_argument("-m", "--message", help="what this snapshot is")
     p.add_argument(
-        "--tag", action="append", default=[], type=_arg_type(records.validate_tag), help="label (repeatable)"
+        "--tag", action="append", default=[], type=arg_type(records.validate_tag), help="label (repeatable)"
     )
     p.add_argument("-j", "--jobs", type=int, default=None, help="objects processed at once")
 

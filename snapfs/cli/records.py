@@ -10,25 +10,7 @@ from typing import Any
 from .. import gc, records
 from ..errors import UsageError
 from ..snapshot import PushResult
-from .common import human_bytes, open_repo, print_json, stderr
-
-
-def _arg_type(check):
-    """Wrap a validator so argparse reports its message before any upload starts."""
-
-    def convert(text: str):
-        try:
-            return check(text)
-        except UsageError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from exc
-
-    convert.__name__ = check.__name__
-    return convert
-
-
-def _name(text: str) -> str:
-    records.validate_name(text)
-    return text
+from .common import add_command, arg_type, human_bytes, name_arg, open_repo, print_json, stderr
 
 
 def _meta_item(text: str) -> tuple[str, Any]:
@@ -39,19 +21,6 @@ def _meta_item(text: str) -> tuple[str, Any]:
     return key, records.parse_meta_value(value)
 
 
-def _add(subparsers, common, name: str, help: str, epilog: str, func) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        name,
-        parents=[common],
-        help=help,
-        description=help,
-        epilog=epilog,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.set_defaults(func=func)
-    return parser
-
-
 def register(subparsers, common) -> None:
     push = subparsers.choices["push"]
     group = push.add_argument_group(
@@ -60,12 +29,12 @@ def register(subparsers, common) -> None:
     )
     group.add_argument(
         "--name",
-        type=_arg_type(_name),
+        type=arg_type(name_arg),
         help="create-once name, e.g. imagenet@1.2.0 (SERIES@VERSION records the series' latest as parent)",
     )
     group.add_argument("-m", "--message", help="what this snapshot is")
     group.add_argument(
-        "--tag", action="append", default=[], type=_arg_type(records.validate_tag), help="label (repeatable)"
+        "--tag", action="append", default=[], type=arg_type(records.validate_tag), help="label (repeatable)"
     )
     group.add_argument("--parent", action="append", metavar="REF", help="previous version (repeatable)")
     group.add_argument("--no-parent", action="store_true", help="record no parent, even for SERIES@VERSION")
@@ -76,7 +45,7 @@ def register(subparsers, common) -> None:
         "--meta",
         action="append",
         default=[],
-        type=_arg_type(_meta_item),
+        type=arg_type(_meta_item),
         metavar="KEY=VALUE",
         help="user metadata; numbers and true/false are stored as such (repeatable)",
     )
@@ -90,7 +59,7 @@ def register(subparsers, common) -> None:
         "  snapfs push ./ckpt --name resnet@1 --input imagenet@1.2.0 --meta accuracy=0.89"
     )
 
-    p = _add(
+    p = add_command(
         subparsers,
         common,
         "log",
@@ -99,10 +68,10 @@ def register(subparsers, common) -> None:
         cmd_log,
     )
     p.add_argument("series", nargs="?", help="only this series (the part of a name before '@')")
-    p.add_argument("--tag", type=_arg_type(records.validate_tag), help="only snapshots with this tag")
+    p.add_argument("--tag", type=arg_type(records.validate_tag), help="only snapshots with this tag")
     p.add_argument("--all", action="store_true", help="include forgotten records")
 
-    p = _add(
+    p = add_command(
         subparsers,
         common,
         "show",
@@ -113,7 +82,7 @@ def register(subparsers, common) -> None:
     )
     p.add_argument("ref", help="snapshot reference")
 
-    p = _add(
+    p = add_command(
         subparsers,
         common,
         "ancestors",
@@ -124,7 +93,7 @@ def register(subparsers, common) -> None:
     p.add_argument("ref", help="snapshot reference")
     p.add_argument("--depth", type=int, default=None, help="stop after this many levels")
 
-    p = _add(
+    p = add_command(
         subparsers,
         common,
         "reproduce",
@@ -138,7 +107,7 @@ def register(subparsers, common) -> None:
     p.add_argument("ref", help="snapshot reference")
     p.add_argument("--requirements", action="store_true", help="print only name==version lines for pip")
 
-    p = _add(
+    p = add_command(
         subparsers,
         common,
         "preflight",
@@ -154,7 +123,7 @@ def register(subparsers, common) -> None:
         "--allow-untracked", action="store_true", help="untracked files do not make the tree dirty"
     )
 
-    p = _add(
+    p = add_command(
         subparsers,
         common,
         "tag",
@@ -163,10 +132,10 @@ def register(subparsers, common) -> None:
         cmd_tag,
     )
     p.add_argument("ref", help="snapshot reference")
-    p.add_argument("tags", nargs="+", type=_arg_type(records.validate_tag), metavar="TAG")
+    p.add_argument("tags", nargs="+", type=arg_type(records.validate_tag), metavar="TAG")
     p.add_argument("--remove", action="store_true", help="remove the tags instead")
 
-    p = _add(
+    p = add_command(
         subparsers,
         common,
         "forget",
@@ -180,7 +149,7 @@ def register(subparsers, common) -> None:
     )
     p.add_argument("ref", help="name, record ID or snapshot ID")
 
-    p = _add(
+    p = add_command(
         subparsers,
         common,
         "gc",
@@ -194,14 +163,14 @@ def register(subparsers, common) -> None:
     p.add_argument("--dry-run", action="store_true", help="only list what would be freed")
     p.add_argument(
         "--grace",
-        type=_arg_type(gc.parse_duration),
+        type=arg_type(gc.parse_duration),
         default=gc.DEFAULT_GRACE,
         metavar="DURATION",
         help="keep unreachable objects younger than this (default 24h; e.g. 30m, 7d, 0)",
     )
     p.add_argument(
         "--wait",
-        type=_arg_type(gc.parse_duration),
+        type=arg_type(gc.parse_duration),
         default=None,
         metavar="DURATION",
         help="how long to wait for running pushes (default 10m)",

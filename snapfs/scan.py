@@ -6,7 +6,8 @@ numbers, walk order or the machine. Hard links become separate files; FIFOs,
 sockets and devices are skipped and reported. Symlinks are stored, not followed.
 
 Files are chunked and hashed in a thread pool (pyfastcdc and blake3 both
-release the GIL). Directories are walked sequentially, children before parents.
+release the GIL), small files in batches. The walk lists directories ahead of
+the hashing and encodes each directory once its files and children are done.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import logging
 import os
 import stat
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from . import format as fmt
@@ -28,6 +30,9 @@ log = logging.getLogger(__name__)
 
 # Files up to this size are read with one read() instead of being mapped.
 _SMALL_READ = 1 << 20
+# Files are hashed in batches of up to this many bytes or files (a large file is a batch of one).
+_BATCH_BYTES = 4 << 20
+_BATCH_FILES = 64
 
 
 @dataclass
@@ -85,6 +90,23 @@ def _list_dir(path: bytes) -> list[os.DirEntry]:
         raise SnapfsError(f"cannot list {os.fsdecode(path)}: {exc.strerror}") from exc
 
 
+def _hash_batch(paths: list[bytes]) -> list[tuple[int, list[ChunkRef], bool]]:
+    return [hash_file(p) for p in paths]
+
+
+@dataclass(eq=False)
+class _Dir:
+    """One directory of the walk: listed, its files submitted, waiting to be encoded."""
+
+    path: bytes
+    depth: int
+    parent: _Dir | None
+    pending: list[bytes]  # subdirectory names still to visit, last first
+    entries: list[Entry]
+    batches: list[tuple[list[bytes], Future]]  # (file names, future of their hashes)
+    total: int = 0
+
+
 def scan(
     root: str | bytes,
     *,
@@ -102,73 +124,110 @@ def scan(
 
     result = ScanResult(root_id="")
     jobs = jobs or min(8, (os.cpu_count() or 2) * 2)
-    # Post-order walk with an explicit stack: depth is bounded by the format, not by Python's recursion.
-    # Each frame: [path, pending subdir names, entries built so far, subtree total bytes, depth]
-    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="snapfs-hash") as pool:
+    # The walk runs ahead of the hashing: a directory is listed and its files
+    # submitted at once, and directories are encoded later, children first,
+    # once their hashes are in. So the pool never idles at a directory
+    # boundary, which matters for many small directories. Small files go in
+    # batches: one task per 50 KB file costs more in hand-offs than in hashing.
+    window = jobs * 4  # batches submitted but not yet encoded
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="snapfs-hash")
+    submitted = 0
 
-        def open_dir(path: bytes, depth: int) -> list:
-            if depth > fmt.MAX_DEPTH:
-                raise SnapfsError(f"{os.fsdecode(path)}: deeper than {fmt.MAX_DEPTH} levels")
-            entries: list[Entry] = []
-            subdirs: list[bytes] = []
-            files: list[tuple[bytes, bytes]] = []
-            total = 0
-            for d in _list_dir(path):
-                name = d.name
-                try:
-                    fmt.validate_name(name)
-                except fmt.FormatError as exc:
-                    raise SnapfsError(f"{os.fsdecode(d.path)}: {exc}") from exc
-                try:
-                    mode = d.stat(follow_symlinks=False).st_mode
-                except OSError as exc:
-                    raise SnapfsError(f"cannot stat {os.fsdecode(d.path)}: {exc.strerror}") from exc
-                if stat.S_ISDIR(mode):
-                    subdirs.append(name)
-                elif stat.S_ISREG(mode):
-                    files.append((name, d.path))
-                elif stat.S_ISLNK(mode):
-                    target = os.readlink(d.path)
-                    if len(target) > fmt.MAX_TARGET_LEN:
-                        raise SnapfsError(f"{os.fsdecode(d.path)}: symlink target too long")
-                    entries.append(fmt.symlink_entry(name, target))
-                    result.symlinks += 1
-                else:
-                    result.skipped.append(os.fsdecode(d.path))
-            for (name, _), (size, chunks, executable) in zip(
-                files, pool.map(hash_file, [p for _, p in files]), strict=True
-            ):
+    def open_dir(path: bytes, depth: int, parent: _Dir | None) -> _Dir:
+        nonlocal submitted
+        if depth > fmt.MAX_DEPTH:
+            raise SnapfsError(f"{os.fsdecode(path)}: deeper than {fmt.MAX_DEPTH} levels")
+        frame = _Dir(path, depth, parent, [], [], [])
+        batch_names: list[bytes] = []
+        batch_paths: list[bytes] = []
+        batch_bytes = 0
+
+        def flush() -> None:
+            nonlocal batch_names, batch_paths, batch_bytes, submitted
+            if batch_paths:
+                frame.batches.append((batch_names, pool.submit(_hash_batch, batch_paths)))
+                submitted += 1
+                batch_names, batch_paths, batch_bytes = [], [], 0
+
+        for d in _list_dir(path):
+            name = d.name
+            try:
+                fmt.validate_name(name)
+            except fmt.FormatError as exc:
+                raise SnapfsError(f"{os.fsdecode(d.path)}: {exc}") from exc
+            try:
+                st = d.stat(follow_symlinks=False)
+            except OSError as exc:
+                raise SnapfsError(f"cannot stat {os.fsdecode(d.path)}: {exc.strerror}") from exc
+            mode = st.st_mode
+            if stat.S_ISDIR(mode):
+                frame.pending.append(name)
+            elif stat.S_ISREG(mode):
+                batch_names.append(name)
+                batch_paths.append(d.path)
+                batch_bytes += st.st_size
+                if batch_bytes >= _BATCH_BYTES or len(batch_paths) >= _BATCH_FILES:
+                    flush()
+            elif stat.S_ISLNK(mode):
+                target = os.readlink(d.path)
+                if len(target) > fmt.MAX_TARGET_LEN:
+                    raise SnapfsError(f"{os.fsdecode(d.path)}: symlink target too long")
+                frame.entries.append(fmt.symlink_entry(name, target))
+                result.symlinks += 1
+            else:
+                result.skipped.append(os.fsdecode(d.path))
+        flush()
+        frame.pending.reverse()
+        return frame
+
+    def encode(frame: _Dir) -> None:
+        nonlocal submitted
+        for names, future in frame.batches:
+            for name, (size, chunks, executable) in zip(names, future.result(), strict=True):
                 entry, blob = fmt.file_entry(name, size, chunks, executable=executable)
                 if blob is not None:
                     result.chunklists[entry.chunklist_id] = blob  # type: ignore[index]
-                entries.append(entry)
-                total += size
+                frame.entries.append(entry)
+                frame.total += size
+                result.files += 1
                 if progress:
                     progress(size)
-            result.files += len(files)
-            return [path, list(reversed(subdirs)), entries, total, depth]
+            submitted -= 1
+        frame.batches = []
+        encoded = fmt.encode_tree(frame.entries)
+        tree_id = hash_bytes(encoded)
+        result.trees[tree_id] = encoded
+        result.tree_paths.setdefault(tree_id, frame.path)
+        result.dirs += 1
+        if frame.parent is None:
+            result.root_id = tree_id
+            result.total_bytes = frame.total
+        else:
+            subdirs = sum(1 for e in frame.entries if e.is_dir)
+            frame.parent.entries.append(
+                fmt.dir_entry(os.path.basename(frame.path), tree_id, frame.total, subdirs)
+            )
+            frame.parent.total += frame.total
+        frame.entries = []
 
-        stack = [open_dir(root_b, 0)]
-        while True:
+    try:
+        # Post-order walk with an explicit stack: depth is bounded by the
+        # format, not by Python's recursion. Finished directories queue in
+        # post-order, so each is encoded after all of its children.
+        stack = [open_dir(root_b, 0, None)]
+        done: deque[_Dir] = deque()
+        while stack:
             frame = stack[-1]
-            path, pending, entries, total, depth = frame
-            if pending:
-                stack.append(open_dir(os.path.join(path, pending.pop()), depth + 1))
+            if frame.pending:
+                stack.append(open_dir(os.path.join(frame.path, frame.pending.pop()), frame.depth + 1, frame))
                 continue
-            encoded = fmt.encode_tree(entries)
-            tree_id = hash_bytes(encoded)
-            result.trees[tree_id] = encoded
-            result.tree_paths.setdefault(tree_id, path)
-            result.dirs += 1
-            stack.pop()
-            if not stack:
-                result.root_id = tree_id
-                result.total_bytes = total
-                break
-            parent = stack[-1]
-            subdirs = sum(1 for e in entries if e.is_dir)
-            parent[2].append(fmt.dir_entry(os.path.basename(path), tree_id, total, subdirs))
-            parent[3] += total
+            done.append(stack.pop())
+            while submitted > window:
+                encode(done.popleft())
+        while done:
+            encode(done.popleft())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     if result.skipped:
         shown = ", ".join(result.skipped[:10]) + (" ..." if len(result.skipped) > 10 else "")
         log.warning("skipped %d special file(s) (FIFOs, sockets, devices): %s", len(result.skipped), shown)

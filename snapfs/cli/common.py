@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -12,6 +13,39 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
+
+
+
+def lazy_import(name: str):
+    """``name`` as a module whose code runs on first attribute access.
+
+    Every command module is imported to build the parser, but one run uses
+    one command: ``snapfs id`` must not pay for records, gc and sync (start-up
+    is most of ``id``'s time on a small tree). Uses the standard library's
+    LazyLoader.
+    """
+    module = sys.modules.get(name)
+    if module is not None:
+        return module
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+        raise ModuleNotFoundError(name)
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def lazy_function(module, name: str) -> Callable:
+    """``module.name``, looked up only when called (for argparse types of lazy modules)."""
+
+    def call(*args, **kwargs):
+        return getattr(module, name)(*args, **kwargs)
+
+    call.__name__ = name
+    return call
+
 
 if TYPE_CHECKING:
     from ..repo import Repo

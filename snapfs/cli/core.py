@@ -6,10 +6,11 @@ import argparse
 import sys
 import time
 
-from .. import snapshot
 from ..format import display_name
 from ..scan import scan
-from .common import add_command, human_bytes, open_repo, print_json, progress_bar, resolve, stderr
+from .common import add_command, human_bytes, lazy_import, open_repo, print_json, progress_bar, resolve, stderr
+
+snapshot = lazy_import("snapfs.snapshot")
 
 
 def register(subparsers, common) -> None:

@@ -17,19 +17,16 @@ import argparse
 import os
 import time
 
-from .. import interop, records
-from .. import sync as sync_ops
 from ..errors import UsageError
 from ..hashing import hash_bytes
-from ..repo import Repo
-from ..snapdir import render_manifest, snapdir_entries
-from ..snapdir_repo import MAX_OBJECT_ENV, SnapdirRepo
 from ..store import default_store_url
 from ..store.snapdir import is_snapdir_url
 from .common import (
     add_command,
     arg_type,
     human_bytes,
+    lazy_function,
+    lazy_import,
     name_arg,
     open_repo,
     parse_size,
@@ -37,6 +34,13 @@ from .common import (
     progress_bar,
     stderr,
 )
+
+interop = lazy_import("snapfs.interop")
+records = lazy_import("snapfs.records")
+sync_ops = lazy_import("snapfs.sync")
+snapdir = lazy_import("snapfs.snapdir")
+snapdir_repo = lazy_import("snapfs.snapdir_repo")
+repo_module = lazy_import("snapfs.repo")
 
 
 def register(subparsers, common) -> None:
@@ -83,7 +87,7 @@ def register(subparsers, common) -> None:
     p.add_argument("--name", type=arg_type(name_arg), help="create-once name for the imported snapshot")
     p.add_argument("-m", "--message", help="what this snapshot is")
     p.add_argument(
-        "--tag", action="append", default=[], type=arg_type(records.validate_tag), help="label (repeatable)"
+        "--tag", action="append", default=[], type=arg_type(lazy_function(records, "validate_tag")), help="label (repeatable)"
     )
     p.add_argument("-j", "--jobs", type=int, default=None, help="objects processed at once")
 
@@ -109,7 +113,7 @@ def register(subparsers, common) -> None:
         type=parse_size,
         default=None,
         metavar="SIZE",
-        help=f"snapdir stores: largest whole object a read may fetch (default 1G; ${MAX_OBJECT_ENV})",
+        help=f"snapdir stores: largest whole object a read may fetch (default 1G; ${snapdir_repo.MAX_OBJECT_ENV})",
     )
     mount.set_defaults(
         func=_chain(mount, _mount_with_limit, lambda args: args.snapdir_max_object is not None)
@@ -135,8 +139,8 @@ def _chain(parser: argparse.ArgumentParser, func, applies):
 
 
 def cmd_id_snapdir(args: argparse.Namespace, _original) -> int:
-    entries = snapdir_entries(args.path)
-    snapdir_id = hash_bytes(render_manifest(entries))
+    entries = snapdir.snapdir_entries(args.path)
+    snapdir_id = hash_bytes(snapdir.render_manifest(entries))
     if args.json:
         files = [e for e in entries if e.kind == "file"]
         print_json(
@@ -158,7 +162,7 @@ def cmd_id_snapdir(args: argparse.Namespace, _original) -> int:
 
 def cmd_pull_snapdir(args: argparse.Namespace, _original) -> int:
     repo = open_repo(args)
-    assert isinstance(repo, SnapdirRepo)
+    assert isinstance(repo, snapdir_repo.SnapdirRepo)
     snapdir_id = repo.resolve(args.ref)
     if args.unsafe_symlinks:
         stderr("snapfs: note: snapdir snapshots hold no symlinks; --unsafe-symlinks has no effect")
@@ -181,7 +185,7 @@ def cmd_pull_snapdir(args: argparse.Namespace, _original) -> int:
 
 def _mount_with_limit(args: argparse.Namespace, original) -> int:
     # The daemon (forked from this process) reads the limit from its environment.
-    os.environ[MAX_OBJECT_ENV] = str(args.snapdir_max_object)
+    os.environ[snapdir_repo.MAX_OBJECT_ENV] = str(args.snapdir_max_object)
     return original(args)
 
 
@@ -191,8 +195,8 @@ def _mount_with_limit(args: argparse.Namespace, original) -> int:
 def cmd_sync(args: argparse.Namespace) -> int:
     if not args.refs and not args.all:
         raise UsageError("give one or more REFs to sync, or --all")
-    source = Repo.open(args.source, endpoint_url=args.endpoint_url)
-    dest = Repo.open(args.dest, endpoint_url=args.endpoint_url)
+    source = repo_module.Repo.open(args.source, endpoint_url=args.endpoint_url)
+    dest = repo_module.Repo.open(args.dest, endpoint_url=args.endpoint_url)
     try:
         with progress_bar(args, None, "syncing") as advance:
             result = sync_ops.sync(
@@ -222,8 +226,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--from must be a snapdir store (snapdir+file:///PATH or snapdir+s3://…), not {args.source!r}"
         )
-    source = Repo.open(args.source, endpoint_url=args.endpoint_url)
-    assert isinstance(source, SnapdirRepo)
+    source = repo_module.Repo.open(args.source, endpoint_url=args.endpoint_url)
+    assert isinstance(source, snapdir_repo.SnapdirRepo)
     dest = open_repo(args)
     if getattr(dest.store, "snapdir", False):
         raise UsageError("--store must be a snapfs store: import writes snapfs objects")

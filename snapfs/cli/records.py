@@ -7,10 +7,16 @@ import shlex
 import threading
 from typing import Any
 
-from .. import gc, records
+from typing import TYPE_CHECKING
+
 from ..errors import UsageError
-from ..snapshot import PushResult
-from .common import add_command, arg_type, human_bytes, name_arg, open_repo, print_json, stderr
+from .common import add_command, arg_type, human_bytes, lazy_function, lazy_import, name_arg, open_repo, print_json, stderr
+
+if TYPE_CHECKING:
+    from ..snapshot import PushResult
+
+gc = lazy_import("snapfs.gc")
+records = lazy_import("snapfs.records")
 
 
 def _meta_item(text: str) -> tuple[str, Any]:
@@ -34,7 +40,7 @@ def register(subparsers, common) -> None:
     )
     group.add_argument("-m", "--message", help="what this snapshot is")
     group.add_argument(
-        "--tag", action="append", default=[], type=arg_type(records.validate_tag), help="label (repeatable)"
+        "--tag", action="append", default=[], type=arg_type(lazy_function(records, "validate_tag")), help="label (repeatable)"
     )
     group.add_argument("--parent", action="append", metavar="REF", help="previous version (repeatable)")
     group.add_argument("--no-parent", action="store_true", help="record no parent, even for SERIES@VERSION")
@@ -68,7 +74,7 @@ def register(subparsers, common) -> None:
         cmd_log,
     )
     p.add_argument("series", nargs="?", help="only this series (the part of a name before '@')")
-    p.add_argument("--tag", type=arg_type(records.validate_tag), help="only snapshots with this tag")
+    p.add_argument("--tag", type=arg_type(lazy_function(records, "validate_tag")), help="only snapshots with this tag")
     p.add_argument("--all", action="store_true", help="include forgotten records")
 
     p = add_command(
@@ -132,7 +138,7 @@ def register(subparsers, common) -> None:
         cmd_tag,
     )
     p.add_argument("ref", help="snapshot reference")
-    p.add_argument("tags", nargs="+", type=arg_type(records.validate_tag), metavar="TAG")
+    p.add_argument("tags", nargs="+", type=arg_type(lazy_function(records, "validate_tag")), metavar="TAG")
     p.add_argument("--remove", action="store_true", help="remove the tags instead")
 
     p = add_command(
@@ -163,14 +169,14 @@ def register(subparsers, common) -> None:
     p.add_argument("--dry-run", action="store_true", help="only list what would be freed")
     p.add_argument(
         "--grace",
-        type=arg_type(gc.parse_duration),
-        default=gc.DEFAULT_GRACE,
+        type=arg_type(lazy_function(gc, "parse_duration")),
+        default=None,
         metavar="DURATION",
         help="keep unreachable objects younger than this (default 24h; e.g. 30m, 7d, 0)",
     )
     p.add_argument(
         "--wait",
-        type=arg_type(gc.parse_duration),
+        type=arg_type(lazy_function(gc, "parse_duration")),
         default=None,
         metavar="DURATION",
         help="how long to wait for running pushes (default 10m)",
@@ -490,7 +496,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
     report = gc.collect(
         repo,
-        grace=args.grace,
+        grace=(gc.DEFAULT_GRACE if args.grace is None else args.grace),
         dry_run=args.dry_run,
         jobs=args.jobs,
         wait=args.wait,

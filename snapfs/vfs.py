@@ -458,7 +458,7 @@ class SnapshotFS:
         except KeyError:
             raise VfsError(errno.EBADF) from None
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
+    async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         handle = self.handle(fh)
         self.read_requests += 1
         file_size = handle.entry.size
@@ -475,11 +475,17 @@ class SnapshotFS:
         if first == last:
             data = await self._chunk(handle, first)
             start = offset - handle.offsets[first]
-            return data[start : start + (end - offset)]
-        pieces: list[bytes] = [b""] * (last - first + 1)
+            # A view, not a copy: pyfuse3 replies from any buffer.
+            return memoryview(data)[start : start + (end - offset)]
+        pieces: list[memoryview] = [memoryview(b"")] * (last - first + 1)
 
         async def one(i: int) -> None:
-            pieces[i - first] = await self._chunk(handle, i)
+            data = await self._chunk(handle, i)
+            # Keep only the part this read covers: joining whole chunks first
+            # would copy megabytes to return a few hundred kilobytes.
+            lo = max(offset - handle.offsets[i], 0)
+            hi = min(end - handle.offsets[i], len(data))
+            pieces[i - first] = memoryview(data)[lo:hi]
 
         try:
             async with trio.open_nursery() as nursery:
@@ -494,9 +500,7 @@ class SnapshotFS:
             while isinstance(failed, BaseExceptionGroup):
                 failed = failed.exceptions[0]
             raise failed from None
-        joined = b"".join(pieces)
-        start = offset - handle.offsets[first]
-        return joined[start : start + (end - offset)]
+        return b"".join(pieces)
 
     async def _chunk(self, handle: OpenFile, index: int) -> bytes:
         chunk_id, length = handle.chunks[index]

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from . import format as fmt
 from . import snapdir as sd
 from .chunking import MIN_SIZE, cut_points
-from .errors import DestinationError, IntegrityError, SnapfsError
+from .errors import IntegrityError, SnapfsError
 from .format import ChunkRef, Entry
 from .hashing import hash_bytes
 from .locks import PushLock
@@ -43,11 +43,10 @@ from .snapdir_repo import SnapdirRepo, SnapdirSnapshot, fetch_object_to_fd, hash
 from .snapshot import (
     TMP_PREFIX,
     PullResult,
-    _load_state,
     _prepare_dir,
     _remove_existing,
     _save_state,
-    _sweep_temp,
+    prepare_destination,
     walk,
 )
 
@@ -99,19 +98,7 @@ def pull(
     are never followed, so nothing is written outside DEST.
     """
     repo.load_snapshot(snapdir_id)  # verify and parse the manifest before touching DEST
-    dest_b = os.fsencode(os.path.abspath(dest))
-    state = _load_state(dest)
-    if os.path.lexists(dest_b):
-        if not os.path.isdir(dest_b) or os.path.islink(dest_b):
-            raise DestinationError(f"{dest}: exists and is not a directory")
-        if os.listdir(dest_b) and not force and state.get("snapshot") != snapdir_id:
-            raise DestinationError(
-                f"{dest}: not empty and not an earlier pull of {snapdir_id[:12]} (use --force to overwrite)"
-            )
-    else:
-        os.makedirs(dest_b, 0o755)
-    _sweep_temp(dest_b)
-    _save_state(dest, snapdir_id, complete=False)
+    dest_b = prepare_destination(dest, snapdir_id, force)
 
     result = PullResult(snapdir_id)
     lock = threading.Lock()

@@ -343,16 +343,13 @@ def _sweep_temp(dest: bytes) -> None:
                 os.unlink(os.path.join(dirpath, name))
 
 
-def pull(
-    repo: Repo,
-    snapshot_id: str,
-    dest: str,
-    *,
-    force: bool = False,
-    unsafe_symlinks: bool = False,
-    jobs: int | None = None,
-    progress: Progress = None,
-) -> PullResult:
+def prepare_destination(dest: str, snapshot_id: str, force: bool) -> bytes:
+    """Check and create a pull's DEST, sweep a failed pull's temp files and mark
+    the pull started; returns DEST as an absolute bytes path.
+
+    DEST must be missing, empty, an earlier (possibly interrupted) pull of the
+    same snapshot, or ``force`` must be given; a symlink is never followed.
+    """
     dest_b = os.fsencode(os.path.abspath(dest))
     state = _load_state(dest)
     if os.path.lexists(dest_b):
@@ -366,6 +363,20 @@ def pull(
         os.makedirs(dest_b, 0o755)
     _sweep_temp(dest_b)
     _save_state(dest, snapshot_id, complete=False)
+    return dest_b
+
+
+def pull(
+    repo: Repo,
+    snapshot_id: str,
+    dest: str,
+    *,
+    force: bool = False,
+    unsafe_symlinks: bool = False,
+    jobs: int | None = None,
+    progress: Progress = None,
+) -> PullResult:
+    dest_b = prepare_destination(dest, snapshot_id, force)
 
     result = PullResult(snapshot_id)
     n = _jobs_for(repo, jobs)

@@ -33,14 +33,14 @@ from pathlib import Path
 
 import pytest
 from support.faultproxy import FaultProxy
+from support.mounts import alive, fuse_missing, mounted, snapfs, status
 from support.trees import file_digests
 from test_faults import assert_nothing_dangles, cli, one_line_error, probe, probe_finish, probe_start
-from test_mount import _alive, _fuse_missing, mounted, snapfs, status
 
 from snapfs.repo import Repo
 from snapfs.snapshot import push
 
-_fuse_reason = _fuse_missing()
+_fuse_reason = fuse_missing()
 needs_fuse = pytest.mark.skipif(_fuse_reason is not None, reason=f"no FUSE: {_fuse_reason}")
 pytestmark = pytest.mark.timeout(240)
 
@@ -96,7 +96,7 @@ def kill_while_writing(pid: int, dirs: list[Path], timeout: float = 60.0) -> Pat
         while time.monotonic() < deadline:
             ready, _, _ = select.select([fd], [], [], 0.5)
             if not ready:
-                if not _alive(pid):
+                if not alive(pid):
                     raise AssertionError(f"process {pid} ended before it wrote a temp file")
                 continue
             try:
@@ -126,7 +126,7 @@ def _wait_dead(pid: int, timeout: float = 20.0) -> None:
     """Wait until ``pid`` is gone or a zombie (never reaps it: Popen owners still can)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not alive(pid):
             return
         time.sleep(0.02)
     raise AssertionError(f"process {pid} still alive {timeout}s after SIGKILL")

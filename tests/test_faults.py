@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pytest
 from support.faultproxy import FaultProxy
+from support.mounts import fuse_missing, mounted, status
 from support.trees import file_digests
-from test_mount import _fuse_missing, mounted, status
 
 from snapfs.repo import Repo
 from snapfs.snapshot import push
@@ -51,7 +51,7 @@ CLIENT_ENV = {
 #: then the page itself).
 EIO_BOUND = 45.0
 
-_fuse_reason = _fuse_missing()
+_fuse_reason = fuse_missing()
 needs_fuse = pytest.mark.skipif(_fuse_reason is not None, reason=f"no FUSE: {_fuse_reason}")
 pytestmark = [pytest.mark.s3, pytest.mark.timeout(240)]
 

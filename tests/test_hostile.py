@@ -39,8 +39,8 @@ from support.hostile import (
     symlink_body,
     symlink_entry,
 )
+from support.mounts import fuse_missing, mounted, snapfs, status
 from test_faults import probe
-from test_mount import _fuse_missing, mounted, snapfs, status
 
 from snapfs import format as fmt
 from snapfs.cache import DiskCache, ObjectSource
@@ -57,7 +57,7 @@ from snapfs.snapshot import pull
 from snapfs.store import LocalStore
 from snapfs.vfs import ROOT_INODE, SnapshotFS
 
-_fuse_reason = _fuse_missing()
+_fuse_reason = fuse_missing()
 needs_fuse = pytest.mark.skipif(_fuse_reason is not None, reason=f"no FUSE: {_fuse_reason}")
 pytestmark = pytest.mark.timeout(240)
 

@@ -3,94 +3,24 @@
 from __future__ import annotations
 
 import errno
-import json
-import multiprocessing
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from support.mounts import alive, fuse_missing, mounted, parallel_digests, snapfs, status
 from support.trees import file_digests, make_mixed_tree
 
 from snapfs import format as fmt
 from snapfs.repo import Repo
 from snapfs.snapshot import push
 
-SNAPFS = [sys.executable, "-m", "snapfs.cli.main"]
-
-
-def _fuse_missing() -> str | None:
-    if not os.path.exists("/dev/fuse"):
-        return "/dev/fuse is missing"
-    if not shutil.which("fusermount3"):
-        return "fusermount3 is missing (install fuse3)"
-    return None
-
-
-_reason = _fuse_missing()
+_reason = fuse_missing()
 if _reason and os.environ.get("CI"):
     raise RuntimeError(f"CI must run the mount tests, but FUSE is unavailable: {_reason}")
 pytestmark = [pytest.mark.fuse, pytest.mark.skipif(_reason is not None, reason=f"no FUSE: {_reason}")]
-
-
-def snapfs(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run([*SNAPFS, *args], capture_output=True, text=True, env=env, timeout=120)
-    if check and result.returncode != 0:
-        raise AssertionError(f"snapfs {' '.join(args)} exited {result.returncode}: {result.stderr}")
-    return result
-
-
-@contextmanager
-def mounted(mountpoint: Path, store_url: str, cache: Path, *extra: str):
-    snapfs("mount", str(mountpoint), "--store", store_url, "--cache", str(cache), *extra)
-    try:
-        assert os.path.ismount(mountpoint)
-        yield mountpoint
-    finally:
-        if os.path.ismount(mountpoint):
-            subprocess.run([*SNAPFS, "umount", str(mountpoint)], capture_output=True, timeout=60)
-        if os.path.ismount(mountpoint):
-            subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
-
-
-def status(mountpoint: Path) -> dict:
-    return json.loads(snapfs("status", str(mountpoint), "--json").stdout)
-
-
-def _hash_files(paths: list[bytes]) -> dict[bytes, bytes]:
-    import hashlib
-
-    out = {}
-    for path in paths:
-        with open(path, "rb") as f:
-            out[path] = hashlib.sha256(f.read()).digest()
-    return out
-
-
-def parallel_digests(root: Path, workers: int = 4, exclude: tuple[bytes, ...] = ()) -> dict[bytes, bytes]:
-    """sha256 of every regular file under root, read by separate processes."""
-    root_b = os.fsencode(root)
-    paths = []
-    for dirpath, dirnames, filenames in os.walk(root_b):
-        dirnames.sort()
-        paths += [
-            os.path.join(dirpath, n)
-            for n in filenames
-            if not os.path.islink(os.path.join(dirpath, n))
-            and os.path.relpath(os.path.join(dirpath, n), root_b) not in exclude
-        ]
-    batches = [paths[i::workers] for i in range(workers)]
-    out: dict[bytes, bytes] = {}
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for part in pool.map(_hash_files, batches):
-            out.update({os.path.relpath(p, root_b): d for p, d in part.items()})
-    return out
 
 
 @pytest.fixture
@@ -219,10 +149,10 @@ def test_sigterm_unmounts_cleanly(sample: Path, file_store_url: str, tmp_path: P
         pid = status(mnt)["pid"]
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and (os.path.ismount(mnt) or _alive(pid)):
+        while time.monotonic() < deadline and (os.path.ismount(mnt) or alive(pid)):
             time.sleep(0.1)
         assert not os.path.ismount(mnt)
-        assert not _alive(pid)
+        assert not alive(pid)
         assert os.listdir(mnt) == []
 
 
@@ -274,30 +204,22 @@ def test_status_of_unmounted_dir_is_one_line_error(tmp_path: Path):
     assert result.stderr.strip().splitlines() == [f"snapfs: error: {tmp_path} is not mounted"]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return False
-
-
 def test_names_are_symlinks_and_latest_follows_new_versions(tmp_path: Path, file_store_url: str):
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.txt").write_text("v1\n")
-    id1 = snapfs("push", str(src), "--store", file_store_url, "--name", "ds@1", "-q", "--no-git").stdout.strip()
+    id1 = snapfs(
+        "push", str(src), "--store", file_store_url, "--name", "ds@1", "-q", "--no-git"
+    ).stdout.strip()
     with mounted(tmp_path / "mnt", file_store_url, tmp_path / "cache") as mnt:
         assert os.readlink(mnt / "ds@1") == id1
         assert os.readlink(mnt / "ds@latest") == id1
         assert (mnt / "ds@1" / "a.txt").read_text() == "v1\n"
         assert {"ds@1"} <= set(os.listdir(mnt))
         (src / "a.txt").write_text("v2\n")
-        id2 = snapfs("push", str(src), "--store", file_store_url, "--name", "ds@2", "-q", "--no-git").stdout.strip()
+        id2 = snapfs(
+            "push", str(src), "--store", file_store_url, "--name", "ds@2", "-q", "--no-git"
+        ).stdout.strip()
         assert id2 != id1
         deadline = time.monotonic() + 10  # the root's entries expire after one second
         while time.monotonic() < deadline and os.readlink(mnt / "ds@latest") != id2:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 from support.faultproxy import FaultProxy
+from support.mounts import fuse_missing, mounted, parallel_digests, snapfs, status
 from support.trees import file_digests, make_mixed_tree
-from test_mount import _fuse_missing, mounted, parallel_digests, snapfs, status
 
 from snapfs import format as fmt
 from snapfs.repo import Repo
@@ -30,7 +30,7 @@ from snapfs.snapshot import push
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SNAPFS = [sys.executable, "-m", "snapfs.cli.main"]
-_fuse_reason = _fuse_missing()
+_fuse_reason = fuse_missing()
 # Only the tests that mount need FUSE; the rest run anywhere.
 needs_fuse = pytest.mark.skipif(_fuse_reason is not None, reason=f"no FUSE: {_fuse_reason}")
 # Loopback only: a developer's HTTP_PROXY must not see the metrics scrape.

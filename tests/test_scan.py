@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from support.trees import local_state
 
 from snapfs import format as fmt
 from snapfs import snapshot
@@ -26,25 +27,6 @@ from snapfs.scan import scan
 def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Pull resume state lives under XDG_CACHE_HOME; keep it out of the user's home.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-
-
-def local_state(root: Path | bytes) -> dict[bytes, tuple]:
-    """{relative path: (kind, exec bit, bytes or target)} read with plain syscalls."""
-    root_b = os.fsencode(root)
-    out: dict[bytes, tuple] = {}
-    for dirpath, dirnames, filenames in os.walk(root_b):
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, root_b)
-            st = os.lstat(path)
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = ("l", False, os.readlink(path))
-            elif stat.S_ISDIR(st.st_mode):
-                out[rel] = ("d", False, None)
-            else:
-                with open(path, "rb") as f:
-                    out[rel] = ("f", bool(st.st_mode & stat.S_IXUSR), f.read())
-    return out
 
 
 def make_tree(root: Path, order: int = 1) -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import test_snapdir_compat
-from test_mount import mounted
+from support.mounts import mounted
 from test_snapdir_compat import SnapdirRunner
 from test_snapdir_compat import make_mixed_tree as make_snapdir_tree
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import random
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.trees import local_state
 
 from snapfs import format as fmt
 from snapfs import snapshot
@@ -52,25 +52,6 @@ def repo(store_url: str) -> Iterator[Repo]:
 def file_repo(file_store_url: str) -> Repo:
     """Pull-side safety does not depend on the backend: these run on file:// only."""
     return Repo.open(file_store_url)
-
-
-def local_state(root: Path | bytes) -> dict[bytes, tuple]:
-    """{relative path: (kind, exec bit, bytes or target)} read with plain syscalls."""
-    root_b = os.fsencode(root)
-    out: dict[bytes, tuple] = {}
-    for dirpath, dirnames, filenames in os.walk(root_b):
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, root_b)
-            st = os.lstat(path)
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = ("l", False, os.readlink(path))
-            elif stat.S_ISDIR(st.st_mode):
-                out[rel] = ("d", False, None)
-            else:
-                with open(path, "rb") as f:
-                    out[rel] = ("f", bool(st.st_mode & stat.S_IXUSR), f.read())
-    return out
 
 
 def make_dataset(root: Path, seed: int = 3) -> Path:

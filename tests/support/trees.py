@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import stat
 from pathlib import Path
 
 
@@ -55,4 +56,23 @@ def file_digests(root: Path | bytes) -> dict[bytes, bytes]:
                 continue
             with open(path, "rb") as f:
                 out[os.path.relpath(path, root_b)] = hashlib.sha256(f.read()).digest()
+    return out
+
+
+def local_state(root: Path | bytes) -> dict[bytes, tuple]:
+    """{relative path: (kind, exec bit, bytes or target)} read with plain syscalls."""
+    root_b = os.fsencode(root)
+    out: dict[bytes, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root_b):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root_b)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("l", False, os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("d", False, None)
+            else:
+                with open(path, "rb") as f:
+                    out[rel] = ("f", bool(st.st_mode & stat.S_IXUSR), f.read())
     return out

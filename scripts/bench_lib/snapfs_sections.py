@@ -316,7 +316,9 @@ def snapfs_mount(ctx: Ctx) -> None:
             "snapfs", "mount_ls_s", time.perf_counter() - started, "s", "mount + first ls /snap/<id>"
         )
         mount.status()
-        measure_tree(ctx.results, "snapfs", root, ctx.ds, ctx.cfg, has_cache=True, pids=lambda: mount.pids)
+        measure_tree(
+            ctx.results, "snapfs", root, ctx.ds, ctx.cfg, has_cache=True, pids=lambda: mount.pids, paired=True
+        )
         status = mount.status()
         ctx.results.meta["snapfs_status"] = status
         if not mount.pids:

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 from ..errors import UsageError
 
 
-
 def lazy_import(name: str):
     """``name`` as a module whose code runs on first attribute access.
 

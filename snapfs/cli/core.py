@@ -8,7 +8,16 @@ import time
 
 from ..format import display_name
 from ..scan import scan
-from .common import add_command, human_bytes, lazy_import, open_repo, print_json, progress_bar, resolve, stderr
+from .common import (
+    add_command,
+    human_bytes,
+    lazy_import,
+    open_repo,
+    print_json,
+    progress_bar,
+    resolve,
+    stderr,
+)
 
 snapshot = lazy_import("snapfs.snapshot")
 

@@ -87,7 +87,11 @@ def register(subparsers, common) -> None:
     p.add_argument("--name", type=arg_type(name_arg), help="create-once name for the imported snapshot")
     p.add_argument("-m", "--message", help="what this snapshot is")
     p.add_argument(
-        "--tag", action="append", default=[], type=arg_type(lazy_function(records, "validate_tag")), help="label (repeatable)"
+        "--tag",
+        action="append",
+        default=[],
+        type=arg_type(lazy_function(records, "validate_tag")),
+        help="label (repeatable)",
     )
     p.add_argument("-j", "--jobs", type=int, default=None, help="objects processed at once")
 

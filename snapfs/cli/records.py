@@ -5,12 +5,20 @@ from __future__ import annotations
 import argparse
 import shlex
 import threading
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
-from .common import add_command, arg_type, human_bytes, lazy_function, lazy_import, name_arg, open_repo, print_json, stderr
+from .common import (
+    add_command,
+    arg_type,
+    human_bytes,
+    lazy_function,
+    lazy_import,
+    name_arg,
+    open_repo,
+    print_json,
+    stderr,
+)
 
 if TYPE_CHECKING:
     from ..snapshot import PushResult
@@ -40,7 +48,11 @@ def register(subparsers, common) -> None:
     )
     group.add_argument("-m", "--message", help="what this snapshot is")
     group.add_argument(
-        "--tag", action="append", default=[], type=arg_type(lazy_function(records, "validate_tag")), help="label (repeatable)"
+        "--tag",
+        action="append",
+        default=[],
+        type=arg_type(lazy_function(records, "validate_tag")),
+        help="label (repeatable)",
     )
     group.add_argument("--parent", action="append", metavar="REF", help="previous version (repeatable)")
     group.add_argument("--no-parent", action="store_true", help="record no parent, even for SERIES@VERSION")
@@ -74,7 +86,9 @@ def register(subparsers, common) -> None:
         cmd_log,
     )
     p.add_argument("series", nargs="?", help="only this series (the part of a name before '@')")
-    p.add_argument("--tag", type=arg_type(lazy_function(records, "validate_tag")), help="only snapshots with this tag")
+    p.add_argument(
+        "--tag", type=arg_type(lazy_function(records, "validate_tag")), help="only snapshots with this tag"
+    )
     p.add_argument("--all", action="store_true", help="include forgotten records")
 
     p = add_command(

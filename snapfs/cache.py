@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .errors import CacheFullError, IntegrityError, NotFoundError, SnapfsError
+from .errors import CacheFullError, CacheIndexError, IntegrityError, NotFoundError, SnapfsError
 from .hashing import hash_bytes
 from .index import CacheIndex
 from .repo import Repo
@@ -87,7 +87,10 @@ class DiskCache:
         self.disk_full = False
 
     def close(self) -> None:
-        self.flush_touches()
+        try:
+            self.flush_touches()
+        except CacheIndexError as exc:
+            log.warning("%s; last-access times since the last flush are lost", exc)
         self.index.close()
 
     def path(self, object_id: str) -> str:
@@ -149,7 +152,11 @@ class DiskCache:
             raise IntegrityError(f"refusing to cache object {object_id}: bytes do not match")
         path = self.path(object_id)
         if os.path.exists(path):
-            self.index.add(object_id, len(data), pin=pin)
+            try:
+                self.index.add(object_id, len(data), pin=pin)
+            except CacheIndexError as exc:
+                # The bytes are cached (by someone else); only the bookkeeping failed.
+                self.note_index_failure(exc, object_id)
             return True
         if self.max_bytes is not None:
             self.make_room(len(data))
@@ -180,12 +187,31 @@ class DiskCache:
                     "cache disk %s is full; serving object %s without caching it", self.directory, object_id
                 )
                 # Free something for the next write, if there is anything to free.
-                self.evict(max(len(data), 64 << 20))
+                try:
+                    self.evict(max(len(data), 64 << 20))
+                except CacheIndexError as index_exc:
+                    self.note_index_failure(index_exc, object_id)
             else:
                 log.warning("cannot cache object %s in %s: %s", object_id, self.directory, exc.strerror)
             return False
-        self.index.add(object_id, len(data), pin=pin)
+        try:
+            self.index.add(object_id, len(data), pin=pin)
+        except CacheIndexError as exc:
+            # A file the index does not count would escape the size limit and
+            # eviction: take it back out, and serve the bytes uncached.
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            self.write_failures += 1
+            self.note_index_failure(exc, object_id)
+            return False
         return True
+
+    def note_index_failure(self, exc: CacheIndexError, object_id: str) -> None:
+        if exc.disk_full:
+            self.disk_full = True
+        log.warning("%s; serving object %s without caching it", exc, object_id)
 
     def make_room(self, incoming: int) -> None:
         assert self.max_bytes is not None
@@ -288,6 +314,7 @@ class ObjectSource:
         self._pending_writes = 0
         self._writes_idle = trio.Event()
         self._writes_idle.set()
+        self._last_index_error: str | None = None
 
     async def __aenter__(self) -> ObjectSource:
         self._nursery_cm = trio.open_nursery()
@@ -297,21 +324,37 @@ class ObjectSource:
 
     async def __aexit__(self, *exc) -> bool | None:
         assert self._nursery is not None
-        # Verified bytes waiting to be written are worth keeping: let queued
-        # write-backs finish (bounded) before cancelling everything else.
-        with trio.move_on_after(30):
-            await self._writes_idle.wait()
-        if self._pending_writes:
-            log.warning("leaving %d objects unwritten to the cache at shutdown", self._pending_writes)
-        self._nursery.cancel_scope.cancel()
-        result = await self._nursery_cm.__aexit__(*exc)
-        await trio.to_thread.run_sync(self.cache.flush_touches)
+        try:
+            # Verified bytes waiting to be written are worth keeping: let queued
+            # write-backs finish (bounded) before cancelling everything else.
+            # Shielded, so that even a cancelled exit gets here and then on to
+            # closing the nursery: leaving it open corrupts trio's task tree.
+            with trio.move_on_after(30) as waiting:
+                waiting.shield = True
+                await self._writes_idle.wait()
+            if self._pending_writes:
+                log.warning("leaving %d objects unwritten to the cache at shutdown", self._pending_writes)
+        finally:
+            self._nursery.cancel_scope.cancel()
+            result = await self._nursery_cm.__aexit__(*exc)
+        await self._flush_touches()
         return result
 
     async def _flush_touches_forever(self) -> None:
         while True:
             await trio.sleep(5)
+            await self._flush_touches()
+
+    async def _flush_touches(self) -> None:
+        # LRU order is bookkeeping: a full disk must not take the mount down with it.
+        try:
             await trio.to_thread.run_sync(self.cache.flush_touches, limiter=self.write_limiter)
+        except CacheIndexError as exc:
+            if str(exc) != self._last_index_error:
+                log.warning("%s; last-access times are not being recorded", exc)
+            self._last_index_error = str(exc)
+        else:
+            self._last_index_error = None
 
     # --- memory LRU (trio thread only) -----------------------------------
 
@@ -431,6 +474,9 @@ class ObjectSource:
             ok = False
         except SnapfsError as exc:
             log.warning("cannot cache object %s: %s", object_id, exc)
+            ok = False
+        except Exception:  # a bug: caching is an optimisation, never a reason to stop serving
+            log.exception("bug: unexpected error caching object %s", object_id)
             ok = False
         finally:
             self._pending_writes -= 1

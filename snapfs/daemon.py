@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import trio
 
 from .cache import DiskCache, ObjectSource
-from .errors import MountError, NotFoundError, SnapfsError, UsageError
+from .errors import CacheIndexError, MountError, NotFoundError, SnapfsError, UsageError
 from .repo import Repo
 from .store import LocalStore
 
@@ -238,7 +238,11 @@ class Daemon:
     async def _resolve_name(self, name: str) -> str | None:
         moves = name.lower().endswith("@latest")
         if not moves:
-            known = await trio.to_thread.run_sync(self.cache.index.recall_name, name)
+            try:
+                known = await trio.to_thread.run_sync(self.cache.index.recall_name, name)
+            except CacheIndexError as exc:
+                log.warning("%s; asking the store for name %r", exc, name)
+                known = None
             if known:
                 return known
         try:
@@ -251,7 +255,10 @@ class Daemon:
         if snapshot_id and not moves:
             # Names never move, so remembering them is always right, and it lets
             # a prewarmed node resolve them with the store unreachable.
-            await trio.to_thread.run_sync(self.cache.index.remember_name, name, snapshot_id)
+            try:
+                await trio.to_thread.run_sync(self.cache.index.remember_name, name, snapshot_id)
+            except CacheIndexError as exc:
+                log.warning("%s; name %r resolved but not remembered", exc, name)
         return snapshot_id
 
     async def _list_names(self) -> list[str]:

@@ -63,6 +63,16 @@ class CacheFullError(SnapfsError):
     exit_code = 8
 
 
+class CacheIndexError(SnapfsError):
+    """The cache's LMDB index refused a transaction (most often: its disk is full)."""
+
+    exit_code = 8
+
+    def __init__(self, message: str, *, disk_full: bool = False) -> None:
+        super().__init__(message)
+        self.disk_full = disk_full
+
+
 class MountError(SnapfsError):
     """A mount that cannot be started, or a mountpoint in a bad state."""
 

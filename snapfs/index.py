@@ -18,15 +18,17 @@ Databases:
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import lmdb
 
-from .errors import CacheFullError, SnapfsError
+from .errors import CacheFullError, CacheIndexError, SnapfsError
 
 _OBJ = struct.Struct(">QQI")
 _U64 = struct.Struct(">Q")
@@ -48,6 +50,7 @@ def _key(object_id: str) -> bytes:
 
 class CacheIndex:
     def __init__(self, path: str) -> None:
+        self.path = path
         os.makedirs(path, exist_ok=True)
         try:
             self.env = lmdb.open(
@@ -73,8 +76,28 @@ class CacheIndex:
         self.snaps = self.env.open_db(b"snaps")
 
     def close(self) -> None:
-        self.env.sync(True)
+        try:
+            self.env.sync(True)
+        except lmdb.Error:
+            pass  # nothing to lose: the index is not needed for correctness (see above)
         self.env.close()
+
+    @contextmanager
+    def _begin(self, write: bool = False):
+        """A transaction whose LMDB errors (a full disk fails the commit) come out as
+        CacheIndexError, which callers that can live without the index catch."""
+        try:
+            with self.env.begin(write=write) as txn:
+                yield txn
+        except lmdb.Error as exc:
+            # LMDB reports a failed page write as EIO; say what it usually is.
+            try:
+                full = os.statvfs(self.path).f_bavail == 0
+            except OSError:
+                full = False
+            full = full or getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+            reason = "its disk is full (no space left on device)" if full else str(exc)
+            raise CacheIndexError(f"cache index {self.path}: {reason}", disk_full=full) from exc
 
     # --- helpers run inside a transaction --------------------------------
 
@@ -88,7 +111,7 @@ class CacheIndex:
     # --- queries ---------------------------------------------------------
 
     def get(self, object_id: str) -> IndexedObject | None:
-        with self.env.begin() as txn:
+        with self._begin() as txn:
             raw = txn.get(_key(object_id), db=self.objects)
         if raw is None:
             return None
@@ -96,17 +119,17 @@ class CacheIndex:
         return IndexedObject(object_id, size, atime, pins)
 
     def contains_many(self, object_ids: Iterable[str]) -> set[str]:
-        with self.env.begin() as txn:
+        with self._begin() as txn:
             return {oid for oid in object_ids if txn.get(_key(oid), db=self.objects) is not None}
 
     def totals(self) -> tuple[int, int, int]:
         """(bytes indexed, bytes pinned, objects indexed)."""
-        with self.env.begin() as txn:
+        with self._begin() as txn:
             entries = txn.stat(self.objects)["entries"]
             return self._get_total(txn, b"total"), self._get_total(txn, b"pinned"), entries
 
     def iter_objects(self) -> Iterator[IndexedObject]:
-        with self.env.begin() as txn:
+        with self._begin() as txn:
             for key, raw in txn.cursor(db=self.objects):
                 size, atime, pins = _OBJ.unpack(raw)
                 yield IndexedObject(key.hex(), size, atime, pins)
@@ -119,7 +142,7 @@ class CacheIndex:
 
     def add_many(self, items: Iterable[tuple[str, int]], pin: str | None = None) -> None:
         now = int(time.time())
-        with self.env.begin(write=True) as txn:
+        with self._begin(write=True) as txn:
             for object_id, size in items:
                 key = _key(object_id)
                 raw = txn.get(key, db=self.objects)
@@ -141,7 +164,7 @@ class CacheIndex:
     def touch_many(self, object_ids: Iterable[str], when: int | None = None) -> None:
         """Move objects to the young end of the LRU (batched by the caller)."""
         now = int(when if when is not None else time.time())
-        with self.env.begin(write=True) as txn:
+        with self._begin(write=True) as txn:
             for object_id in object_ids:
                 key = _key(object_id)
                 raw = txn.get(key, db=self.objects)
@@ -157,7 +180,7 @@ class CacheIndex:
     def remove_many(self, object_ids: Iterable[str]) -> int:
         """Forget objects (their files are deleted by the caller); returns bytes freed."""
         freed = 0
-        with self.env.begin(write=True) as txn:
+        with self._begin(write=True) as txn:
             for object_id in object_ids:
                 key = _key(object_id)
                 raw = txn.get(key, db=self.objects)
@@ -179,7 +202,7 @@ class CacheIndex:
         """Oldest unpinned objects adding up to at least ``bytes_needed``."""
         out: list[tuple[str, int]] = []
         total = 0
-        with self.env.begin() as txn:
+        with self._begin() as txn:
             for key, _ in txn.cursor(db=self.lru):
                 if total >= bytes_needed or len(out) >= limit:
                     break
@@ -208,7 +231,7 @@ class CacheIndex:
         """Drop a pin; returns the number of objects it held."""
         prefix = pin.encode() + b"\0"
         released = 0
-        with self.env.begin(write=True) as txn:
+        with self._begin(write=True) as txn:
             cursor = txn.cursor(db=self.pins)
             keys = []
             if cursor.set_range(prefix):
@@ -232,7 +255,7 @@ class CacheIndex:
 
     def pinned_subset(self, object_ids: Iterable[str]) -> set[str]:
         """Those of ``object_ids`` that some pin holds."""
-        with self.env.begin() as txn:
+        with self._begin() as txn:
             out = set()
             for object_id in object_ids:
                 raw = txn.get(_key(object_id), db=self.objects)
@@ -242,7 +265,7 @@ class CacheIndex:
 
     def pin_names(self) -> dict[str, int]:
         counts: dict[str, int] = {}
-        with self.env.begin() as txn:
+        with self._begin() as txn:
             for key, _ in txn.cursor(db=self.pins):
                 name = key.split(b"\0", 1)[0].decode()
                 counts[name] = counts.get(name, 0) + 1
@@ -251,25 +274,25 @@ class CacheIndex:
     # --- names -----------------------------------------------------------
 
     def remember_name(self, name: str, snapshot_id: str) -> None:
-        with self.env.begin(write=True) as txn:
+        with self._begin(write=True) as txn:
             txn.put(name.encode(), snapshot_id.encode(), db=self.names)
 
     def recall_name(self, name: str) -> str | None:
-        with self.env.begin() as txn:
+        with self._begin() as txn:
             raw = txn.get(name.encode(), db=self.names)
         return raw.decode() if raw else None
 
     # --- snapshots seen on this node ---------------------------------------
 
     def remember_snapshot(self, snapshot_id: str) -> None:
-        with self.env.begin(write=True) as txn:
+        with self._begin(write=True) as txn:
             txn.put(snapshot_id.encode(), _U64.pack(int(time.time())), db=self.snaps)
 
     def known_snapshots(self) -> dict[str, int]:
-        with self.env.begin() as txn:
+        with self._begin() as txn:
             return {k.decode(): _U64.unpack(v)[0] for k, v in txn.cursor(db=self.snaps)}
 
     def clear(self) -> None:
-        with self.env.begin(write=True) as txn:
+        with self._begin(write=True) as txn:
             for db in (self.objects, self.lru, self.pins, self.meta, self.snaps):
                 txn.drop(db, delete=False)

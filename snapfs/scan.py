@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Callable
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 

@@ -34,7 +34,7 @@ import trio
 
 from . import format as fmt
 from .cache import ObjectSource
-from .errors import NotFoundError, SnapfsError
+from .errors import CacheIndexError, NotFoundError, SnapfsError
 from .format import ChunkRef, Entry
 from .hashing import is_object_id
 from .links import LinkResolution
@@ -314,9 +314,13 @@ class SnapshotFS:
         self.snapshots.setdefault(snapshot_id, ino >> SLOT_SHIFT)
         log.info("opened snapshot %s", snapshot_id)
         # For `snapfs cache stats`: which snapshots this node's cache serves.
-        await trio.to_thread.run_sync(
-            self.source.cache.index.remember_snapshot, snapshot_id, limiter=self.source.write_limiter
-        )
+        # Bookkeeping only: a full cache disk must not keep a snapshot from opening.
+        try:
+            await trio.to_thread.run_sync(
+                self.source.cache.index.remember_snapshot, snapshot_id, limiter=self.source.write_limiter
+            )
+        except CacheIndexError as exc:
+            log.warning("%s; snapshot %s opened but not recorded", exc, snapshot_id)
         return ino
 
     async def _lookup_root(self, name: bytes) -> Attr:

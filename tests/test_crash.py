@@ -32,11 +32,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 from support.faultproxy import FaultProxy
 from support.mounts import alive, fuse_missing, mounted, snapfs, status
 from support.trees import file_digests
 from test_faults import assert_nothing_dangles, cli, one_line_error, probe, probe_finish, probe_start
 
+from snapfs.cache import DiskCache, ObjectSource
+from snapfs.errors import CacheIndexError
+from snapfs.hashing import hash_bytes
 from snapfs.repo import Repo
 from snapfs.snapshot import push
 
@@ -400,6 +404,60 @@ def test_cache_disk_full_mount_keeps_serving_and_prewarm_says_so(
     log = (tmp_path / "mount.log").read_text()
     assert "is full" in log and "Traceback" not in log and "bug:" not in log, log[-3000:]
     assert temp_files(cache) == []
+
+
+def fill_disk(path: Path) -> Path:
+    """Write ``path`` until the disk says ENOSPC; returns it."""
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+    return path
+
+
+def test_full_disk_under_the_cache_index(tiny_disk: Path, file_store_url: str, caplog):
+    """LMDB fails its commit when the disk is full. That must surface as one
+    CacheIndexError that says so, never as a raw lmdb.Error: one escaped from the
+    daemon's 5-second LRU flush and took a mount down (trio's nursery was left open)."""
+    rng = random.Random(11)
+    blobs = [rng.randbytes(40_000) for _ in range(12)]
+    ids = [hash_bytes(b) for b in blobs]
+    cache = DiskCache(str(tiny_disk / "cache"))
+    try:
+        assert all(cache.insert(oid, b) for oid, b in zip(ids, blobs, strict=True))
+        # Index entries enough that re-dating them all needs pages the disk cannot give.
+        many = [hash_bytes(n.to_bytes(4, "big")) for n in range(4000)]
+        cache.index.add_many([(oid, 100) for oid in many])
+        time.sleep(1.1)  # touches within the same second are skipped
+        filler = fill_disk(tiny_disk / "filler")
+        with pytest.raises(CacheIndexError, match="disk is full") as raised:
+            cache.index.add_many([(hash_bytes(b"x" * n), n) for n in range(1, 2000)])
+        assert raised.value.disk_full
+
+        async def body() -> None:
+            # Disk hits queue LRU touches; flushing them at exit hits the full disk.
+            async with ObjectSource(Repo.open(file_store_url), cache) as source:
+                for oid, b in zip(ids, blobs, strict=True):
+                    assert await source.get(oid, expected_size=len(b)) == b
+                assert source.counters.disk_hits == len(ids)
+                for oid in many:
+                    cache.touch(oid)
+
+        caplog.set_level("WARNING", logger="snapfs")
+        trio.run(body)
+        assert any("last-access times are not being recorded" in r.getMessage() for r in caplog.records)
+        # A write that cannot be cached is refused cleanly: no file, no index entry.
+        extra = rng.randbytes(40_000)
+        assert cache.insert(hash_bytes(extra), extra) is False
+        assert not cache.has(hash_bytes(extra)) and cache.disk_full and temp_files(tiny_disk / "cache") == []
+        filler.unlink()
+        cache.index.add_many([(hash_bytes(extra), len(extra))])  # recovered once space is back
+        assert cache.index.get(hash_bytes(extra)) is not None
+    finally:
+        cache.close()
 
 
 # --- concurrency -------------------------------------------------------------------------------

@@ -49,7 +49,6 @@ class MountConfig:
     allow_other: bool = False
     foreground: bool = False
     fetch_concurrency: int = 32
-    max_read: int | None = None
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
     log_file: str | None = None
@@ -289,9 +288,7 @@ class Daemon:
                 tree_loader=getattr(source, "load_tree", None),
             )
             ops = fuseops.Operations(self.fs, self.status)
-            options = fuseops.mount_options(
-                allow_other=self.config.allow_other, max_read=self.config.max_read
-            )
+            options = fuseops.mount_options(allow_other=self.config.allow_other)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_signals)
                 await fuseops.serve(ops, self.mountpoint, options, on_ready)

@@ -191,15 +191,17 @@ class Operations(pyfuse3.Operations):
         raise FUSEError(errno.EROFS)
 
 
-def mount_options(*, allow_other: bool, max_read: int | None) -> set[str]:
+def mount_options(*, allow_other: bool) -> set[str]:
     options = set(pyfuse3.default_options)  # includes default_permissions
     # auto_unmount: fusermount3 unmounts if the daemon dies, even by kill -9,
     # so a crash never leaves a dead mountpoint that looks like an empty dir.
     options |= {"fsname=snapfs", "subtype=snapfs", "ro", "auto_unmount"}
     if allow_other:
         options.add("allow_other")
-    if max_read:
-        options.add(f"max_read={max_read}")
+    # No max_read: libfuse 3 refuses a max_read mount option unless init() sets
+    # the same value in fuse_conn_info, which pyfuse3 does not expose; the mount
+    # then dies at FUSE_INIT. The kernel already sends reads of up to 1 MiB
+    # (max_pages) once readahead is raised, see daemon.set_readahead.
     return options
 
 

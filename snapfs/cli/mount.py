@@ -41,7 +41,6 @@ def register(subparsers, common) -> None:
         "--allow-other", action="store_true", help="let other users read the mount (off by default)"
     )
     p.add_argument("--fetch-jobs", type=int, default=32, help="concurrent store fetches (default 32)")
-    p.add_argument("--max-read", type=parse_size, default=None, help="FUSE max_read, e.g. 1M")
     p.add_argument(
         "--readahead",
         type=parse_size,
@@ -93,7 +92,6 @@ def cmd_mount(args: argparse.Namespace) -> int:
         allow_other=args.allow_other,
         foreground=args.foreground,
         fetch_concurrency=args.fetch_jobs,
-        max_read=args.max_read,
         metrics_port=args.metrics_port,
         metrics_addr=args.metrics_addr,
         log_file=os.path.abspath(args.log_file) if args.log_file else None,

@@ -329,7 +329,14 @@ def _serve(config: MountConfig, mountpoint: str, ready_fd: int | None) -> int:
             report(f"ok {os.getpid()}")
             sd_notify(f"READY=1\nSTATUS=serving {mountpoint}\nMAINPID={os.getpid()}")
 
-        trio.run(daemon.run, on_ready)
+        try:
+            trio.run(daemon.run, on_ready)
+        except BaseExceptionGroup as group:
+            # trio's nurseries wrap what a task raised; one error is reported as itself.
+            leaf: BaseException = group
+            while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+                leaf = leaf.exceptions[0]
+            raise leaf from None
         return 0
     except SnapfsError as exc:
         log.error("%s", exc)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from .errors import SnapfsError
+from .errors import MountError, SnapfsError
 from .vfs import ROOT_INODE, Attr, SnapshotFS, VfsError
 
 log = logging.getLogger(__name__)
@@ -215,7 +215,12 @@ async def serve(ops: Operations, mountpoint: str, options: set[str], on_ready: C
 
             async def announce() -> None:
                 # Blocks until pyfuse3.main has answered FUSE_INIT; safe in a thread only.
-                await trio.to_thread.run_sync(os.stat, mountpoint)
+                try:
+                    await trio.to_thread.run_sync(os.stat, mountpoint)
+                except OSError as exc:
+                    raise MountError(
+                        f"cannot mount {mountpoint}: the kernel refused the FUSE connection ({exc.strerror})"
+                    ) from exc
                 await trio.to_thread.run_sync(on_ready)
 
             nursery.start_soon(announce)

@@ -40,6 +40,9 @@ SNAPSHOT_PREFIX = "snapshots/"
 STORE_CONFIG_KEY = "snapfs.json"
 MIN_PREFIX = 8
 _HEX_RE = re.compile(r"^[0-9a-f]+$")
+# A LIST of the store's objects replaces one HEAD per object from this many on.
+_LIST_MIN_CANDIDATES = 256
+_LIST_MAX_KEYS = 2_000_000  # about 250 MB of IDs
 
 
 class Repo:
@@ -77,6 +80,34 @@ class Repo:
             # INFO, not WARNING: the caller reports the final failure in one line.
             log.info("%s %s from %s hashes to %s (attempt %d)", what, object_id, self.url, actual, attempt)
         raise IntegrityError(f"{what} {object_id} in {self.url} is corrupt: its bytes hash to {actual}")
+
+    def list_object_ids(self, candidates: int) -> set[str] | None:
+        """The store's object IDs, if one LIST is cheaper than ``candidates`` HEADs; else None.
+
+        A LIST page answers for 1,000 keys, so listing pays while the store holds
+        fewer than about 1,000 objects per candidate. Measured on the loopback
+        SeaweedFS: 2,319 HEADs took 9.0 s at 32 threads, the LIST of the same keys
+        0.8 s. Only for S3 (a directory answers exists() without a request), and
+        bounded in memory. Callers hold the push lock, so keys seen stay present.
+        """
+        if not self.url.startswith("s3://") or candidates < _LIST_MIN_CANDIDATES:
+            return None
+        budget = min(candidates * 250, _LIST_MAX_KEYS)
+        present: set[str] = set()
+        for info in self.store.list("objects/"):
+            parts = info.key.split("/")
+            if len(parts) == 3:
+                present.add(parts[1] + parts[2])
+            if len(present) > budget:
+                log.debug("%s holds more than %d objects: checking objects one by one", self.url, budget)
+                return None
+        return present
+
+    def put_new_object(self, data: bytes, object_id: str) -> None:
+        """Upload an object a HEAD or LIST under the push lock found missing: an
+        unconditional PUT saves put-if-absent's second HEAD; racing writers store
+        identical bytes."""
+        self.store.put(fmt.object_key(object_id), data)
 
     def has_object(self, object_id: str) -> bool:
         return self.store.exists(fmt.object_key(object_id))

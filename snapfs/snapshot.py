@@ -142,22 +142,31 @@ def _upload_objects(
                     chunk_tasks.setdefault(chunk_id, (path, offset, length))
                     offset += length
 
+        # One LIST instead of a HEAD per object when that is cheaper (a first push
+        # to S3 asked 2 HEADs and a conditional PUT per chunk: 24 s for 237 MB).
+        listed = repo.list_object_ids(len(chunk_tasks) + len(chunklists))
+
+        def put_if_missing(object_id: str, size: int, read: Callable[[], bytes]) -> None:
+            if object_id in listed if listed is not None else repo.has_object(object_id):
+                counter.add(False, size)
+            else:
+                repo.put_new_object(read(), object_id)
+                counter.add(True, size)
+
         def put_chunk(item: tuple[str, tuple[bytes, int, int]]) -> None:
             chunk_id, (path, offset, length) = item
-            if repo.has_object(chunk_id):
-                counter.add(False, length)
-            else:
-                counter.add(repo.put_object(_read_chunk(path, offset, length, chunk_id), chunk_id), length)
+            put_if_missing(chunk_id, length, lambda: _read_chunk(path, offset, length, chunk_id))
             if progress:
                 progress(length)
 
         for _ in pool.map(put_chunk, chunk_tasks.items()):
             pass
 
-        def put_blob(blob: bytes) -> None:
-            counter.add(repo.put_object_checked(blob), len(blob))
+        def put_chunklist(chunklist_id: str) -> None:
+            blob = scanned.chunklists[chunklist_id]
+            put_if_missing(chunklist_id, len(blob), lambda: blob)
 
-        for _ in pool.map(put_blob, [scanned.chunklists[c] for c in chunklists]):
+        for _ in pool.map(put_chunklist, chunklists):
             pass
 
         # 3. Trees from the leaves up: scanned.trees is in post-order, so a tree's
@@ -168,9 +177,12 @@ def _upload_objects(
                 children = [e.tree_id for e in fmt.decode_tree(blob) if e.is_dir]
                 height[tree_id] = 1 + max((height.get(c, 0) for c in children), default=0)
         for h in sorted(set(height.values())):
-            batch = [scanned.trees[t] for t, th in height.items() if th == h]
-            for _ in pool.map(lambda blob: counter.add(repo.put_object(blob), len(blob)), batch):
+            # Known missing (step 1 asked), so no second HEAD before the PUT.
+            batch = [t for t, th in height.items() if th == h]
+            for _ in pool.map(lambda t: repo.put_new_object(scanned.trees[t], t), batch):
                 pass
+            for t in batch:
+                counter.add(True, len(scanned.trees[t]))
 
     result.uploaded_bytes = counter.uploaded_bytes
     result.uploaded_objects = counter.uploaded_objects

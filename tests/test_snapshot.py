@@ -16,6 +16,7 @@ import pytest
 from support.trees import local_state
 
 from snapfs import format as fmt
+from snapfs import repo as repo_module
 from snapfs import snapshot
 from snapfs.errors import (
     DestinationError,
@@ -126,6 +127,23 @@ def test_repush_uploads_nothing(repo: Repo, tmp_path: Path) -> None:
     # An identical copy elsewhere dedups just the same.
     copy = make_dataset(tmp_path / "copy")
     assert snapshot.push(str(copy), repo).uploaded_bytes == 0
+
+
+def test_push_with_one_list_instead_of_heads(
+    repo: Repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On S3 a push lists the store's objects instead of a HEAD per chunk once
+    # that is cheaper; forced here for a small tree. The counts must not change.
+    monkeypatch.setattr(repo_module, "_LIST_MIN_CANDIDATES", 1)
+    src = make_dataset(tmp_path / "src")
+    first = snapshot.push(str(src), repo)
+    assert first.present_objects == 0 and first.uploaded_objects > 0
+    (src / "labels.csv").write_bytes(b"id,label\n0,3\n")
+    second = snapshot.push(str(src), repo)
+    # The new file's chunk and the root tree; every other chunk found present.
+    assert second.uploaded_objects == 2 and second.present_objects > 0
+    snapshot.pull(repo, second.snapshot_id, str(tmp_path / "dest"))
+    assert local_state(tmp_path / "dest") == local_state(src)
 
 
 @pytest.fixture(scope="module")

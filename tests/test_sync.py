@@ -18,7 +18,7 @@ from support.trees import make_mixed_tree
 
 from snapfs import format as fmt
 from snapfs import records
-from snapfs import sync as sync_module
+from snapfs import repo as repo_module
 from snapfs.errors import AlreadyExistsError, IntegrityError, UsageError
 from snapfs.locks import LockedError, MaintenanceLock
 from snapfs.repo import Repo
@@ -106,7 +106,7 @@ def test_interrupted_sync_shows_nothing_and_resumes_with_only_the_rest(
     tree: Path, file_store_url: str, dest_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # On S3, find present chunks with one LIST instead of HEADs even for this small tree.
-    monkeypatch.setattr(sync_module, "_LIST_MIN_CANDIDATES", 1)
+    monkeypatch.setattr(repo_module, "_LIST_MIN_CANDIDATES", 1)
     snapshot_id = push_named(tree, file_store_url, "corpus@1")
     source = Repo.open(file_store_url)
     dest = Repo.open(dest_url)

@@ -117,13 +117,6 @@ class Repo:
         object_id = object_id or hash_bytes(data)
         return self.store.put(fmt.object_key(object_id), data, if_absent=True)
 
-    def put_object_checked(self, data: bytes, object_id: str | None = None) -> bool:
-        """Like put_object, but a HEAD first so existing objects cost no upload."""
-        object_id = object_id or hash_bytes(data)
-        if self.store.exists(fmt.object_key(object_id)):
-            return False
-        return self.put_object(data, object_id)
-
     # --- typed objects ---------------------------------------------------
 
     def get_tree(self, tree_id: str, what: str = "tree") -> list[Entry]:

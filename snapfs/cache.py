@@ -194,13 +194,20 @@ class DiskCache:
             else:
                 log.warning("cannot cache object %s in %s: %s", object_id, self.directory, exc.strerror)
             return False
+        return self.index_new_file(object_id, len(data), pin=pin)
+
+    def index_new_file(self, object_id: str, size: int, *, pin: str | None = None) -> bool:
+        """Index an object file just renamed into place; False if the index refused.
+
+        A file the index does not count would escape the size limit and
+        eviction, so on refusal it is taken back out: the caller serves the
+        bytes it holds (or has mapped) uncached.
+        """
         try:
-            self.index.add(object_id, len(data), pin=pin)
+            self.index.add(object_id, size, pin=pin)
         except CacheIndexError as exc:
-            # A file the index does not count would escape the size limit and
-            # eviction: take it back out, and serve the bytes uncached.
             try:
-                os.unlink(path)
+                os.unlink(self.path(object_id))
             except OSError:
                 pass
             self.write_failures += 1

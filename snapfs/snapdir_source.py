@@ -36,7 +36,7 @@ import trio
 
 from . import snapdir as sd
 from .cache import DiskCache, ObjectSource
-from .errors import CacheIndexError, IntegrityError, NotFoundError, SnapfsError
+from .errors import IntegrityError, NotFoundError, SnapfsError
 from .format import MAX_CHUNK_SIZE, Entry
 from .snapdir_repo import SnapdirRepo, fetch_object_to_fd, too_large_error
 
@@ -108,12 +108,7 @@ def fetch_into_cache(repo: SnapdirRepo, cache: DiskCache, object_id: str) -> tup
     os.close(fd)
     os.rename(tmp, path)
     mapped = _map_file(path)
-    try:
-        cache.index.add(object_id, size)
-    except CacheIndexError as exc:
-        # Uncounted, the file would escape the size limit: serve it from the map alone.
-        os.unlink(path)
-        cache.note_index_failure(exc, object_id)
+    cache.index_new_file(object_id, size)  # if refused, the map alone serves it
     return mapped, True
 
 

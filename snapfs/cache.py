@@ -282,12 +282,13 @@ class Counters:
 
 
 class _Flight:
-    __slots__ = ("done", "data", "error")
+    __slots__ = ("done", "data", "error", "fetched")
 
     def __init__(self) -> None:
         self.done = trio.Event()
         self.data: bytes | None = None
         self.error: BaseException | None = None
+        self.fetched = False  # came from the store, not the disk cache
 
 
 class ObjectSource:
@@ -319,6 +320,10 @@ class ObjectSource:
         self._nursery: trio.Nursery | None = None
         self._prefetch_slots = trio.Semaphore(16)
         self._pending_writes = 0
+        # Fetched and verified, waiting for their write-back: served from here,
+        # so an object evicted from memory before it reaches the disk is not
+        # fetched again (prefetch runs ahead of the cache writes).
+        self._unwritten: dict[str, bytes] = {}
         self._writes_idle = trio.Event()
         self._writes_idle.set()
         self._last_index_error: str | None = None
@@ -379,9 +384,20 @@ class ObjectSource:
     async def get(self, object_id: str, what: str = "object", expected_size: int | None = None) -> bytes:
         """The verified bytes of an object. Raises NotFoundError, IntegrityError or
         StoreUnavailableError; never returns unverified bytes."""
+        data, _fetched = await self.get_noting_fetch(object_id, what, expected_size)
+        return data
+
+    async def get_noting_fetch(
+        self, object_id: str, what: str = "object", expected_size: int | None = None
+    ) -> tuple[bytes, bool]:
+        """Like get(), and also whether this call waited on a fetch from the store
+        (a cold miss), rather than memory or the disk cache."""
+        fetched = False
         data = self._memory.get(object_id)
         if data is not None:
             self._memory.move_to_end(object_id)
+            self.counters.memory_hits += 1
+        elif (data := self._unwritten.get(object_id)) is not None:
             self.counters.memory_hits += 1
         else:
             flight = self._flights.get(object_id)
@@ -392,18 +408,19 @@ class ObjectSource:
                 raise flight.error
             assert flight.data is not None
             data = flight.data
+            fetched = flight.fetched
         # Checked for every caller: the bytes may have come from memory or from a
         # flight started for another ref to the same chunk, which may claim another
         # length. Served at the wrong length, they would shift a file's bytes.
         if expected_size is not None and len(data) != expected_size:
             self.counters.verify_failures += 1
             raise IntegrityError(f"{what} {object_id} is {len(data)} bytes, the tree says {expected_size}")
-        return data
+        return data, fetched
 
     def prefetch(self, object_id: str, what: str = "object", expected_size: int | None = None) -> bool:
         """Start fetching in the background if not cached or in flight. Bounded: returns
         False when too many prefetches are already running."""
-        if object_id in self._memory or object_id in self._flights:
+        if object_id in self._memory or object_id in self._flights or object_id in self._unwritten:
             return True
         try:
             self._prefetch_slots.acquire_nowait()
@@ -436,6 +453,7 @@ class ObjectSource:
                 self.counters.disk_hits += 1
             else:
                 self.counters.misses += 1
+                flight.fetched = True
                 started = time.monotonic()
                 async with self.fetch_limiter:
                     data = await trio.to_thread.run_sync(self.repo.get_object, object_id, what)
@@ -450,6 +468,7 @@ class ObjectSource:
                 # current one, which must be the one set when writes drain.
                 if self._writes_idle.is_set():
                     self._writes_idle = trio.Event()
+                self._unwritten[object_id] = data
                 self._nursery.start_soon(self._write_back, object_id, data)
             if expected_size is not None and len(data) != expected_size:
                 raise IntegrityError(
@@ -486,6 +505,7 @@ class ObjectSource:
             log.exception("bug: unexpected error caching object %s", object_id)
             ok = False
         finally:
+            self._unwritten.pop(object_id, None)
             self._pending_writes -= 1
             if self._pending_writes == 0:
                 self._writes_idle.set()

@@ -54,6 +54,7 @@ class MountConfig:
     log_file: str | None = None
     fsync: bool = True
     readahead: int | None = 4 << 20
+    prefetch_siblings: int = 16
 
 
 # --- checks ------------------------------------------------------------------
@@ -286,6 +287,7 @@ class Daemon:
                 resolve_name=self._resolve_name,
                 list_names=self._list_names,
                 tree_loader=getattr(source, "load_tree", None),
+                sibling_files=self.config.prefetch_siblings,
             )
             ops = fuseops.Operations(self.fs, self.status)
             options = fuseops.mount_options(allow_other=self.config.allow_other)

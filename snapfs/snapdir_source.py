@@ -132,10 +132,11 @@ class SnapdirObjectSource(ObjectSource):
             self.snapdir_repo.get_tree, tree_id, where, limiter=self.tree_limiter
         )
 
-    async def get(self, object_id: str, what: str = "object", expected_size: int | None = None):
-        """Verified bytes, or for a large object a read-only map of its verified cache file."""
+    async def get_noting_fetch(self, object_id: str, what: str = "object", expected_size: int | None = None):
+        """Verified bytes, or for a large object a read-only map of its verified cache
+        file; with False for "fetched", as a large file is no small file's sibling."""
         if expected_size is None or expected_size <= SMALL_OBJECT:
-            return await super().get(object_id, what, expected_size)
+            return await super().get_noting_fetch(object_id, what, expected_size)
         mapped = self._maps.get(object_id)
         if mapped is not None:
             self._maps.move_to_end(object_id)
@@ -162,7 +163,7 @@ class SnapdirObjectSource(ObjectSource):
             raise IntegrityError(
                 f"snapdir object {object_id} is {len(mapped)} bytes, the manifest says {expected_size}"
             )
-        return mapped
+        return mapped, False
 
     async def _fly_big(self, object_id: str, flight: _BigFlight) -> None:
         try:

@@ -50,6 +50,15 @@ FIXED_MTIME_NS = 946684800 * 1_000_000_000
 ROOT_ATTR_TIMEOUT = 1.0
 CONTENT_TIMEOUT = 86400.0 * 365
 READAHEAD_CHUNKS = 8
+# A cold read of a small file starts fetching this many of the files after it
+# in its directory (wrapping around), up to SIBLING_BYTES: a dataloader reads
+# a directory's samples in shuffled order, one request per file, so without
+# this each reader waits out a store round trip per file. Only files of one
+# chunk up to SIBLING_FILE_MAX count; reads served from memory, the disk
+# cache or the page cache never trigger it.
+SIBLING_FILES = 16
+SIBLING_BYTES = 8 << 20
+SIBLING_FILE_MAX = 1 << 20
 
 
 def _moves(name: str) -> bool:
@@ -103,6 +112,8 @@ class OpenFile:
     offsets: list[int]  # start offset of each chunk
     snapshot_id: str
     path: bytes
+    dir_ino: int = 0  # the directory's inode and this file's index in it, for sibling prefetch
+    index: int = -1
     next_offset: int = 0  # where a sequential reader will read next
     readahead_until: int = 0  # chunk index up to which readahead was started
 
@@ -125,8 +136,10 @@ class SnapshotFS:
         list_names: NameLister | None = None,
         tree_cache_entries: int = 200_000,
         tree_loader: TreeLoader | None = None,
+        sibling_files: int = SIBLING_FILES,
     ) -> None:
         self.source = source
+        self.sibling_files = sibling_files
         self.tree_loader = tree_loader
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
@@ -450,7 +463,10 @@ class SnapshotFS:
             offset += length
         fh = self._next_fh
         self._next_fh += 1
-        self.handles[fh] = OpenFile(entry, chunks, offsets, slot.snapshot_id, path)
+        dir_ino = ino & ~INDEX_MASK
+        self.handles[fh] = OpenFile(
+            entry, chunks, offsets, slot.snapshot_id, path, dir_ino, (ino & INDEX_MASK) - 1
+        )
         return fh
 
     def release(self, fh: int) -> None:
@@ -477,7 +493,10 @@ class SnapshotFS:
         if sequential or offset == 0:
             self._readahead(handle, last)
         if first == last:
-            data = await self._chunk(handle, first)
+            chunk_id, length = handle.chunks[first]
+            data, fetched = await self.source.get_noting_fetch(chunk_id, "chunk", length)
+            if fetched and len(handle.chunks) == 1 and self.sibling_files:
+                self._prefetch_siblings(handle)
             start = offset - handle.offsets[first]
             # A view, not a copy: pyfuse3 replies from any buffer.
             return memoryview(data)[start : start + (end - offset)]
@@ -519,6 +538,32 @@ class SnapshotFS:
             if not self.source.prefetch(chunk_id, "chunk", length):
                 break
             handle.readahead_until = i + 1
+
+    def _prefetch_siblings(self, handle: OpenFile) -> None:
+        """Start fetching the small files after this one in its directory (see SIBLING_FILES)."""
+        try:
+            slot = self._slot(handle.dir_ino)
+        except VfsError:
+            return
+        tree = self.trees.get(slot.tree_id)
+        if tree is None or handle.index < 0:
+            return
+        n = len(tree.entries)
+        files = budget = 0
+        # Bounded scan: a directory of many subdirectories must not make each cold read O(n).
+        for step in range(1, min(n, 16 * self.sibling_files)):
+            entry = tree.entries[(handle.index + step) % n]
+            if not entry.is_file or entry.chunklist_id is not None or len(entry.chunks) != 1:
+                continue
+            if entry.size > SIBLING_FILE_MAX:
+                continue
+            chunk_id, length = entry.chunks[0]
+            if not self.source.prefetch(chunk_id, "chunk", length):
+                break  # prefetch slots are full: the store is busy enough
+            files += 1
+            budget += length
+            if files >= self.sibling_files or budget >= SIBLING_BYTES:
+                break
 
     def describe(self, ino: int) -> str:
         """Snapshot and path of an inode, for log lines."""

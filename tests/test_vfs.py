@@ -16,6 +16,7 @@ from support.trees import make_mixed_tree
 from snapfs import format as fmt
 from snapfs.cache import DiskCache, ObjectSource
 from snapfs.errors import CacheFullError, IntegrityError, NotFoundError, SnapfsError
+from snapfs.hashing import hash_bytes
 from snapfs.repo import Repo
 from snapfs.snapshot import push
 from snapfs.store import LocalStore
@@ -370,3 +371,105 @@ def test_hostile_tree_gives_error_not_crash(tmp_path: Path):
             await fs.lookup(ROOT_INODE, tree_id.encode())
 
     run_fs(repo, tmp_path / "cache", body)
+
+
+def _small_files_dir(root: Path, count: int) -> Path:
+    rng = random.Random(7)
+    d = root / "src" / "d"
+    d.mkdir(parents=True)
+    (d / "a-subdir").mkdir()
+    (d / "b-link").symlink_to("f000")
+    for i in range(count):
+        (d / f"f{i:03d}").write_bytes(rng.randbytes(10_000 + i))
+    return root / "src"
+
+
+async def _settle(source: ObjectSource) -> None:
+    """Wait for background fetches to finish."""
+    with trio.fail_after(10):
+        while source._flights:
+            await trio.sleep(0.005)
+
+
+def test_cold_small_read_prefetches_its_siblings(tmp_path: Path):
+    src = _small_files_dir(tmp_path, 40)
+    store = SlowStore(str(tmp_path / "store"), delay=0)
+    repo = Repo(store)
+    snapshot_id = push(str(src), repo).snapshot_id
+    names = sorted(p.name for p in (src / "d").iterdir() if p.is_file() and not p.is_symlink())
+
+    def file_gets(before: int) -> int:
+        return sum(1 for k in store.gets[before:] if k.startswith("objects/"))
+
+    async def read_name(fs, dir_ino: int, name: str) -> bytes:
+        attr = await fs.lookup(dir_ino, name.encode())
+        return await read_all(fs, attr.ino, attr.size)
+
+    async def body(sibling_files: int, cache_dir: Path):
+        cache = DiskCache(str(cache_dir))
+        try:
+            async with ObjectSource(repo, cache) as source:
+                fs = SnapshotFS(source, sibling_files=sibling_files)
+                root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+                d = await fs.lookup(root.ino, b"d")
+                await fs.lookup(d.ino, names[5].encode())  # the directory's tree is fetched here
+                before = len(store.gets)
+                assert await read_name(fs, d.ino, names[5]) == (src / "d" / names[5]).read_bytes()
+                await _settle(source)
+                first = file_gets(before)
+                before = len(store.gets)
+                # The files after it in the directory are now local: no store reads.
+                for name in names[6 : 6 + sibling_files]:
+                    assert await read_name(fs, d.ino, name) == (src / "d" / name).read_bytes()
+                return first, file_gets(before), source.counters.readahead_objects
+        finally:
+            cache.close()
+
+    # One cold read fetches the file and the next 8 small files; reading those costs no GET.
+    assert trio.run(body, 8, tmp_path / "cache") == (9, 0, 8)
+    # Off: one GET per file.
+    assert trio.run(body, 0, tmp_path / "cache-off") == (1, 0, 0)
+
+    async def warm(cache_dir: Path):
+        cache = DiskCache(str(cache_dir))
+        try:
+            async with ObjectSource(repo, cache) as source:
+                fs = SnapshotFS(source, sibling_files=8)
+                root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+                d = await fs.lookup(root.ino, b"d")
+                await read_name(fs, d.ino, names[5])
+                await _settle(source)
+                return source.counters.readahead_objects
+        finally:
+            cache.close()
+
+    # A read served by the disk cache is not a cold read: it prefetches nothing.
+    assert trio.run(warm, tmp_path / "cache") == 0
+
+
+def test_object_waiting_for_its_cache_write_is_not_fetched_again(pushed):
+    src, repo, store, snapshot_id, tmp = pushed
+
+    async def main():
+        cache = DiskCache(str(tmp / "cache"))
+        try:
+            async with ObjectSource(repo, cache, memory_bytes=0) as source:
+                fs = SnapshotFS(source, sibling_files=0)
+                root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+                ino, attr = await resolve(fs, root.ino, b"run.sh")
+                source.write_limiter.total_tokens = 1
+                await source.write_limiter.acquire()  # hold the cache writes back
+                before = len(store.gets)
+                first = await read_all(fs, ino, attr.size)
+                second = await read_all(fs, ino, attr.size)
+                gets = [k for k in store.gets[before:] if k.startswith("objects/")]
+                # Still unwritten: the second read was served from the write-back queue.
+                assert not os.path.exists(cache.path(hash_bytes(first)))
+                source.write_limiter.release()
+                return first, second, gets
+        finally:
+            cache.close()
+
+    first, second, gets = trio.run(main)
+    assert first == second == (src / "run.sh").read_bytes()
+    assert len(gets) == 1, gets

@@ -101,6 +101,17 @@ def parse_size(text: str) -> int:
     return int(number * (1024 ** " kmgtp".index(unit or " ")))
 
 
+def count_arg(text: str) -> int:
+    """argparse type for a count that may be 0 but not negative."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"invalid count {text!r} (a whole number, 0 or more)") from None
+    if value < 0:
+        raise UsageError(f"invalid count {text!r} (a whole number, 0 or more)")
+    return value
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from ..paths import default_cache_dir
-from .common import human_bytes, parse_size, print_json
+from .common import arg_type, count_arg, human_bytes, parse_size, print_json
 
 
 def register(subparsers, common) -> None:
@@ -41,6 +41,14 @@ def register(subparsers, common) -> None:
         "--allow-other", action="store_true", help="let other users read the mount (off by default)"
     )
     p.add_argument("--fetch-jobs", type=int, default=32, help="concurrent store fetches (default 32)")
+    p.add_argument(
+        "--prefetch-siblings",
+        type=arg_type(count_arg),
+        default=16,
+        metavar="N",
+        help="on a cold read of a small file, also fetch up to N small files after it in its "
+        "directory, as shuffled dataloaders read them all (default 16; 0: off)",
+    )
     p.add_argument(
         "--readahead",
         type=parse_size,
@@ -97,6 +105,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         log_file=os.path.abspath(args.log_file) if args.log_file else None,
         fsync=not args.no_fsync,
         readahead=args.readahead,
+        prefetch_siblings=args.prefetch_siblings,
     )
     return daemon.mount(config)
 

@@ -492,3 +492,33 @@ def test_s3_endpoint_userinfo_never_reaches_messages(s3_store_url: str) -> None:
     with pytest.raises(UsageError) as bad:
         open_store(s3_store_url, endpoint_url="http://someone:endpoint-password@:::bad")
     assert "endpoint-password" not in str(bad.value)
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("fast", ["1", "0"], ids=["fast-path", "boto3"])
+def test_s3_put_paths_agree(s3_store_url: str, fast: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PUT over the signed urllib3 path and over boto3 store the same bytes and
+    answer the same: a bytearray or an empty body, If-None-Match, a missing
+    bucket (read: SeaweedFS creates buckets on PUT)."""
+    monkeypatch.setenv("SNAPFS_S3_FAST_GET", fast)
+    store = open_store(s3_store_url)
+    try:
+        assert (store._fast is not None) == (fast == "1")  # type: ignore[attr-defined]
+        data = os.urandom(300_000)
+        assert store.put("objects/view", bytearray(data[1000:]))
+        assert store.get("objects/view") == data[1000:]
+        assert store.put("objects/empty", b"")
+        assert store.get("objects/empty") == b"" and store.stat("objects/empty").size == 0
+        assert store.put("names/once", b"first", if_absent=True) is True
+        assert store.put("names/once", b"second", if_absent=True) is False
+        assert store.get("names/once") == b"first"
+    finally:
+        store.close()
+    bucket = s3_store_url.removeprefix("s3://").partition("/")[0]
+    missing = open_store(s3_store_url.replace(bucket, "no-such-bucket-" + os.urandom(4).hex(), 1))
+    try:
+        with pytest.raises(StoreUnavailableError, match="does not exist") as info:
+            missing.get("objects/x")
+        assert "\n" not in str(info.value)
+    finally:
+        missing.close()

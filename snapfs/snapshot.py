@@ -430,10 +430,13 @@ def pull(
                     if progress:
                         progress(len(data) * len(places[chunk_id]))
 
-                futures = [chunk_pool.submit(fetch, chunk_id) for chunk_id in places]
-                wait(futures)
-                for future in futures:
-                    future.result()
+                if len(places) == 1:
+                    fetch(next(iter(places)))  # a small file: no hand-off to the chunk pool
+                else:
+                    futures = [chunk_pool.submit(fetch, chunk_id) for chunk_id in places]
+                    wait(futures)
+                    for future in futures:
+                        future.result()
                 os.fsync(fd)
                 os.fchmod(fd, 0o755 if entry.executable else 0o644)
             except BaseException:

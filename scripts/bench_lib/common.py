@@ -106,11 +106,17 @@ def run(
     except FileNotFoundError as exc:
         raise Unavailable(f"`{cmd[0]}` not found") from exc
     except subprocess.TimeoutExpired as exc:
-        raise RuntimeError(f"`{' '.join(map(str, cmd[:3]))}` timed out after {timeout:.0f} s") from exc
+        raise RuntimeError(f"`{_shown(cmd)}` timed out after {timeout:.0f} s") from exc
     if check and proc.returncode != 0:
         tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
-        raise RuntimeError(f"`{' '.join(map(str, cmd[:3]))}` exited {proc.returncode}: {' | '.join(tail)}")
+        raise RuntimeError(f"`{_shown(cmd)}` exited {proc.returncode}: {' | '.join(tail)}")
     return proc
+
+
+def _shown(cmd: Sequence[str]) -> str:
+    """The start of a command for a one-line error; an inline script is elided, so
+    the error's own text (which follows) is not cut off by Results.fail."""
+    return " ".join(a if len(a) <= 60 else a[:24] + "..." for a in map(str, cmd[:3]))
 
 
 def timed(fn: Callable[[], object]) -> float:

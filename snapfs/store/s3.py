@@ -456,7 +456,7 @@ class S3Store(Store):
         for conflict in range(_CONFLICT_RETRIES):
             response = self._fast_request(key, "write to", "PUT", object_key, headers, data)
             status = response.status
-            if status == 200:
+            if 200 <= status < 300:
                 return True
             if status == 412 and if_absent:
                 return False

@@ -456,7 +456,7 @@ class ObjectSource:
                 flight.fetched = True
                 started = time.monotonic()
                 async with self.fetch_limiter:
-                    data = await trio.to_thread.run_sync(self.repo.get_object, object_id, what)
+                    data = await trio.to_thread.run_sync(self.repo.get_object, object_id, what, expected_size)
                 elapsed = time.monotonic() - started
                 self.counters.fetched_bytes += len(data)
                 self.counters.fetched_objects += 1

@@ -267,7 +267,7 @@ def prewarm(
                 result.failed.append(f"{object_id}: not fetched, the cache disk {cache.directory} is full")
             return
         try:
-            data = repo.get_object(object_id, "chunk")
+            data = repo.get_object(object_id, "chunk", size)
             if len(data) != size:
                 raise SnapfsError(f"chunk {object_id} is {len(data)} bytes, the tree says {size}")
             if not cache.insert(object_id, data, pin=pin_name, verified=True):

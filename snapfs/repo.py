@@ -45,6 +45,22 @@ _LIST_MIN_CANDIDATES = 256
 _LIST_MAX_KEYS = 2_000_000  # about 250 MB of IDs
 
 
+def get_bounded(store: Store, key: str, max_size: int | None, what: str) -> bytes:
+    """``store.get(key)``, reading at most ``max_size`` + 1 bytes when a size is known.
+
+    A hostile or broken store could answer a chunk's key with gigabytes; the
+    reader needs only the length its tree promises. One extra byte tells an
+    oversized object from an exact one, and an oversized one is an error, not
+    a truncation: its bytes never reach the hash check, let alone a reader.
+    """
+    if max_size is None:
+        return store.get(key)
+    data = store.get(key, 0, max_size + 1)
+    if len(data) > max_size:
+        raise IntegrityError(f"{what} is larger than the {max_size} bytes expected")
+    return data
+
+
 class Repo:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -65,15 +81,16 @@ class Repo:
 
     # --- raw objects -----------------------------------------------------
 
-    def get_object(self, object_id: str, what: str = "object") -> bytes:
+    def get_object(self, object_id: str, what: str = "object", max_size: int | None = None) -> bytes:
         """Fetch an object and check that it hashes to its ID.
 
         A corrupt object is refetched once (it may have been a torn transfer)
-        before IntegrityError is raised.
+        before IntegrityError is raised. With ``max_size`` (a chunk's length
+        from its tree) no more than that is read: see get_bounded.
         """
         key = fmt.object_key(object_id)
         for attempt in (1, 2):
-            data = self.store.get(key)
+            data = get_bounded(self.store, key, max_size, f"{what} {object_id} in {self.url}")
             actual = hash_bytes(data)
             if actual == object_id:
                 return data
@@ -132,7 +149,7 @@ class Repo:
         return fmt.decode_chunklist(data, entry.chunk_count, entry.size, what)
 
     def get_chunk(self, chunk_id: str, length: int | None = None) -> bytes:
-        data = self.get_object(chunk_id, "chunk")
+        data = self.get_object(chunk_id, "chunk", length or fmt.MAX_CHUNK_SIZE)
         if length is not None and len(data) != length:
             raise IntegrityError(f"chunk {chunk_id} is {len(data)} bytes, the tree says {length}")
         return data

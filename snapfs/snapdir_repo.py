@@ -49,7 +49,7 @@ from . import snapdir as sd
 from .errors import IntegrityError, NotFoundError, SnapfsError, UsageError
 from .format import Entry
 from .hashing import hash_bytes, is_object_id
-from .repo import Repo
+from .repo import Repo, get_bounded
 from .store.base import Store
 
 log = logging.getLogger(__name__)
@@ -337,12 +337,13 @@ class SnapdirRepo(Repo):
                 f"{what}: no such directory in snapdir snapshot {snapshot.snapdir_id}"
             ) from None
 
-    def get_object(self, object_id: str, what: str = "object") -> bytes:
-        """One whole snapdir object, verified (refetched once on a mismatch, like Repo)."""
+    def get_object(self, object_id: str, what: str = "object", max_size: int | None = None) -> bytes:
+        """One whole snapdir object, verified (refetched once on a mismatch, like Repo);
+        with ``max_size``, no more than that is read (repo.get_bounded)."""
         key = sd.object_key(object_id)
         for attempt in (1, 2):
             try:
-                data = self.store.get(key)
+                data = get_bounded(self.store, key, max_size, f"snapdir object {object_id} in {self.url}")
             except NotFoundError as exc:
                 raise NotFoundError(f"snapdir object {object_id}: missing at {key} in {self.url}") from exc
             actual = hash_bytes(data)
@@ -358,7 +359,7 @@ class SnapdirRepo(Repo):
     def get_chunk(self, chunk_id: str, length: int | None = None) -> bytes:
         if length is not None and length > self.max_object:
             raise too_large_error(chunk_id, length, self.max_object)
-        data = self.get_object(chunk_id, "chunk")
+        data = self.get_object(chunk_id, "chunk", length)
         if length is not None and len(data) != length:
             raise IntegrityError(
                 f"snapdir object {chunk_id} is {len(data)} bytes, the manifest says {length}"

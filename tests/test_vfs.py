@@ -473,3 +473,35 @@ def test_object_waiting_for_its_cache_write_is_not_fetched_again(pushed):
     first, second, gets = trio.run(main)
     assert first == second == (src / "run.sh").read_bytes()
     assert len(gets) == 1, gets
+
+
+def test_oversized_object_is_refused_after_reading_its_length_plus_one(pushed):
+    """A store that answers a chunk's key with far more bytes than the tree
+    promises costs the reader that length plus one byte, then an error."""
+    src, repo, store, snapshot_id, tmp = pushed
+    data = (src / "run.sh").read_bytes()
+    key = fmt.object_key(hash_bytes(data))
+    (tmp / "store" / key).write_bytes(b"\0" * (16 << 20))
+    lengths: list[int | None] = []
+    plain_get = store.get
+
+    def recording_get(k: str, start: int = 0, length: int | None = None) -> bytes:
+        if k == key:
+            lengths.append(length)
+        return plain_get(k, start, length)
+
+    store.get = recording_get  # type: ignore[method-assign]
+
+    async def body(fs, source):
+        root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+        ino, attr = await resolve(fs, root.ino, b"run.sh")
+        with pytest.raises(IntegrityError, match="larger than the 18 bytes expected"):
+            await read_all(fs, ino, attr.size)
+        return source.counters.verify_failures
+
+    assert len(data) == 18
+    assert run_fs(repo, tmp / "cache", body) >= 1
+    assert lengths == [len(data) + 1]
+    with pytest.raises(IntegrityError, match="larger than"):
+        repo.get_chunk(hash_bytes(data), len(data))
+    assert lengths[-1] == len(data) + 1

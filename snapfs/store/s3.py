@@ -63,6 +63,7 @@ _MAX_POOL_CONNECTIONS = 96
 # AWS answers 409 ConditionalRequestConflict while another conditional write
 # to the same key is in flight; it resolves in milliseconds.
 _CONFLICT_RETRIES = 6
+_CONFLICT_CODES = ("ConditionalRequestConflict", "OperationAborted")
 
 _NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404"}
 _DENIED_CODES = {
@@ -450,65 +451,55 @@ class S3Store(Store):
             f"{key}: cannot read from {self._where()}: HTTP {status} {_xml_code(response.data)}"
         )
 
-    def _fast_put(self, key: str, object_key: str, data: bytes, *, if_absent: bool) -> bool:
-        """put() over _FastRequests: True if stored, False if If-None-Match found it there."""
+    def _fast_put_once(self, key: str, object_key: str, data: bytes, if_absent: bool) -> bool | None:
+        """One PUT over _FastRequests (retried inside for transport errors): True if
+        stored, False if If-None-Match found the key there, None on a conditional
+        write conflict worth another try."""
         headers = {"If-None-Match": "*"} if if_absent else None
-        for conflict in range(_CONFLICT_RETRIES):
-            response = self._fast_request(key, "write to", "PUT", object_key, headers, data)
-            status = response.status
-            if 200 <= status < 300:
-                return True
-            if status == 412 and if_absent:
-                return False
-            code = _xml_code(response.data)
-            if status == 409 and if_absent and code in ("ConditionalRequestConflict", "OperationAborted"):
-                log.debug("%s: conditional write conflict on %s; retrying", key, self.url)
-                time.sleep(0.02 * 2**conflict)
-                continue
-            if status == 404:
-                raise self._no_bucket(key, response) or StoreUnavailableError(
-                    f"{key}: cannot write to {self._where()}: HTTP 404 {code}"
-                )
-            raise StoreUnavailableError(f"{key}: cannot write to {self._where()}: HTTP {status} {code}")
-        if self.exists(key):
+        response = self._fast_request(key, "write to", "PUT", object_key, headers, data)
+        status = response.status
+        if 200 <= status < 300:
+            return True
+        if status == 412 and if_absent:
             return False
-        raise StoreUnavailableError(
-            f"{key}: conditional write to {self._where()} kept conflicting; try again"
-        )
+        code = _xml_code(response.data)
+        if status == 409 and if_absent and code in _CONFLICT_CODES:
+            return None
+        if status == 404:
+            raise self._no_bucket(key, response) or StoreUnavailableError(
+                f"{key}: cannot write to {self._where()}: HTTP 404 {code}"
+            )
+        raise StoreUnavailableError(f"{key}: cannot write to {self._where()}: HTTP {status} {code}")
+
+    def _boto3_put_once(self, key: str, object_key: str, data: bytes, if_absent: bool) -> bool | None:
+        """One put_object; the same answers as _fast_put_once."""
+        condition = {"IfNoneMatch": "*"} if if_absent else {}
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=object_key, Body=data, **condition)
+            return True
+        except botocore.exceptions.ClientError as exc:
+            code, status = _error_code(exc), _http_status(exc)
+            if if_absent and (status == 412 or code == "PreconditionFailed"):
+                return False
+            if if_absent and status == 409 and code in _CONFLICT_CODES:
+                return None
+            raise self._translate(exc, key, "write to") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise self._translate(exc, key, "write to") from exc
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         object_key = self._object_key(key)
-        if self._fast is not None:
-            # Skip the upload of an object that is already there (the common
-            # case when pushing a new version) and cover servers without If-None-Match.
-            if if_absent and self.exists(key):
-                return False
-            return self._fast_put(key, object_key, data, if_absent=if_absent)
-        if not if_absent:
-            try:
-                self._client.put_object(Bucket=self.bucket, Key=object_key, Body=data)
-            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
-                raise self._translate(exc, key, "write to") from exc
-            return True
         # Skip the upload of an object that is already there (the common case
         # when pushing a new version) and cover servers without If-None-Match.
-        if self.exists(key):
+        if if_absent and self.exists(key):
             return False
+        put_once = self._fast_put_once if self._fast is not None else self._boto3_put_once
         for conflict in range(_CONFLICT_RETRIES):
-            try:
-                self._client.put_object(Bucket=self.bucket, Key=object_key, Body=data, IfNoneMatch="*")
-                return True
-            except botocore.exceptions.ClientError as exc:
-                code, status = _error_code(exc), _http_status(exc)
-                if status == 412 or code == "PreconditionFailed":
-                    return False
-                if status == 409 and code in ("ConditionalRequestConflict", "OperationAborted"):
-                    log.debug("%s: conditional write conflict on %s; retrying", key, self.url)
-                    time.sleep(0.02 * 2**conflict)
-                    continue
-                raise self._translate(exc, key, "write to") from exc
-            except botocore.exceptions.BotoCoreError as exc:
-                raise self._translate(exc, key, "write to") from exc
+            stored = put_once(key, object_key, data, if_absent)
+            if stored is not None:
+                return stored
+            log.debug("%s: conditional write conflict on %s; retrying", key, self.url)
+            time.sleep(0.02 * 2**conflict)
         # Still contended: whoever holds the key now, it is not us.
         if self.exists(key):
             return False

@@ -112,8 +112,7 @@ class OpenFile:
     offsets: list[int]  # start offset of each chunk
     snapshot_id: str
     path: bytes
-    dir_ino: int = 0  # the directory's inode and this file's index in it, for sibling prefetch
-    index: int = -1
+    ino: int  # its directory's slot and its index there: for sibling prefetch
     next_offset: int = 0  # where a sequential reader will read next
     readahead_until: int = 0  # chunk index up to which readahead was started
 
@@ -463,10 +462,7 @@ class SnapshotFS:
             offset += length
         fh = self._next_fh
         self._next_fh += 1
-        dir_ino = ino & ~INDEX_MASK
-        self.handles[fh] = OpenFile(
-            entry, chunks, offsets, slot.snapshot_id, path, dir_ino, (ino & INDEX_MASK) - 1
-        )
+        self.handles[fh] = OpenFile(entry, chunks, offsets, slot.snapshot_id, path, ino)
         return fh
 
     def release(self, fh: int) -> None:
@@ -493,8 +489,7 @@ class SnapshotFS:
         if sequential or offset == 0:
             self._readahead(handle, last)
         if first == last:
-            chunk_id, length = handle.chunks[first]
-            data, fetched = await self.source.get_noting_fetch(chunk_id, "chunk", length)
+            data, fetched = await self._chunk(handle, first)
             if fetched and len(handle.chunks) == 1 and self.sibling_files:
                 self._prefetch_siblings(handle)
             start = offset - handle.offsets[first]
@@ -503,7 +498,7 @@ class SnapshotFS:
         pieces: list[memoryview] = [memoryview(b"")] * (last - first + 1)
 
         async def one(i: int) -> None:
-            data = await self._chunk(handle, i)
+            data, _fetched = await self._chunk(handle, i)
             # Keep only the part this read covers: joining whole chunks first
             # would copy megabytes to return a few hundred kilobytes.
             lo = max(offset - handle.offsets[i], 0)
@@ -525,9 +520,10 @@ class SnapshotFS:
             raise failed from None
         return b"".join(pieces)
 
-    async def _chunk(self, handle: OpenFile, index: int) -> bytes:
+    async def _chunk(self, handle: OpenFile, index: int) -> tuple[bytes, bool]:
+        """A chunk's verified bytes, and whether the read waited on the store."""
         chunk_id, length = handle.chunks[index]
-        return await self.source.get(chunk_id, "chunk", length)
+        return await self.source.get_noting_fetch(chunk_id, "chunk", length)
 
     def _readahead(self, handle: OpenFile, current: int) -> None:
         """Keep up to READAHEAD_CHUNKS chunks ahead of a sequential reader in flight."""
@@ -542,17 +538,18 @@ class SnapshotFS:
     def _prefetch_siblings(self, handle: OpenFile) -> None:
         """Start fetching the small files after this one in its directory (see SIBLING_FILES)."""
         try:
-            slot = self._slot(handle.dir_ino)
+            slot = self._slot(handle.ino & ~INDEX_MASK)
         except VfsError:
             return
         tree = self.trees.get(slot.tree_id)
-        if tree is None or handle.index < 0:
+        if tree is None:
             return
+        index = (handle.ino & INDEX_MASK) - 1
         n = len(tree.entries)
         files = budget = 0
         # Bounded scan: a directory of many subdirectories must not make each cold read O(n).
         for step in range(1, min(n, 16 * self.sibling_files)):
-            entry = tree.entries[(handle.index + step) % n]
+            entry = tree.entries[(index + step) % n]
             if not entry.is_file or entry.chunklist_id is not None or len(entry.chunks) != 1:
                 continue
             if entry.size > SIBLING_FILE_MAX:

@@ -32,7 +32,14 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .errors import CacheFullError, CacheIndexError, IntegrityError, NotFoundError, SnapfsError
+from .errors import (
+    CacheFullError,
+    CacheIndexError,
+    IntegrityError,
+    NotFoundError,
+    SnapfsError,
+    StoreUnavailableError,
+)
 from .hashing import hash_bytes
 from .index import CacheIndex
 from .repo import Repo
@@ -42,6 +49,15 @@ log = logging.getLogger(__name__)
 _TMP_PREFIX = ".tmp-"
 # Evict down to this fraction of the limit, so eviction runs in batches.
 _LOW_WATERMARK = 0.9
+#: Failure memory. Once OUTAGE_AFTER fetches in a row (no answer between them)
+#: found the store unavailable, each with its retries spent, misses fail at once
+#: for OUTAGE_HOLDOFF seconds; then one fetch at a time probes the store, and
+#: each failed probe doubles the wait, up to OUTAGE_HOLDOFF_MAX. A row of
+#: failures, not one: a flaky store that answers most requests must not make
+#: everything fail for seconds because one object was unlucky.
+OUTAGE_AFTER = 3
+OUTAGE_HOLDOFF = 2.0
+OUTAGE_HOLDOFF_MAX = 30.0
 
 
 def _writer_alive(temp_name: str) -> bool:
@@ -278,7 +294,21 @@ class Counters:
     fetch_errors: int = 0
     cache_write_failures: int = 0
     readahead_objects: int = 0
+    #: Misses failed at once because the store was known to be unavailable.
+    fast_failures: int = 0
     fetch_seconds: list[float] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class _Outage:
+    """OUTAGE_AFTER fetches in a row found the store unavailable; it has not answered since."""
+
+    since: float  # time.monotonic()
+    error: str
+    holdoff: float
+    retry_at: float  # time.monotonic(): before this, misses fail at once
+    probing: bool = False  # one fetch is testing the store; the others fail at once
+    failed_fast: int = 0
 
 
 class _Flight:
@@ -305,6 +335,8 @@ class ObjectSource:
         fetch_concurrency: int = 32,
         memory_bytes: int = 64 << 20,
         on_fetch=None,
+        outage_after: int = OUTAGE_AFTER,
+        outage_holdoff: float = OUTAGE_HOLDOFF,
     ) -> None:
         self.repo = repo
         self.cache = cache
@@ -327,6 +359,10 @@ class ObjectSource:
         self._writes_idle = trio.Event()
         self._writes_idle.set()
         self._last_index_error: str | None = None
+        self.outage_after = outage_after
+        self.outage_holdoff = outage_holdoff
+        self._unavailable_streak = 0  # fetches failed as unavailable since the store last answered
+        self._outage: _Outage | None = None
 
     async def __aenter__(self) -> ObjectSource:
         self._nursery_cm = trio.open_nursery()
@@ -419,9 +455,12 @@ class ObjectSource:
 
     def prefetch(self, object_id: str, what: str = "object", expected_size: int | None = None) -> bool:
         """Start fetching in the background if not cached or in flight. Bounded: returns
-        False when too many prefetches are already running."""
+        False when too many prefetches are already running, or the store is
+        known to be unavailable."""
         if object_id in self._memory or object_id in self._flights or object_id in self._unwritten:
             return True
+        if self._outage is not None:
+            return False
         try:
             self._prefetch_slots.acquire_nowait()
         except trio.WouldBlock:
@@ -456,7 +495,7 @@ class ObjectSource:
                 flight.fetched = True
                 started = time.monotonic()
                 async with self.fetch_limiter:
-                    data = await trio.to_thread.run_sync(self.repo.get_object, object_id, what, expected_size)
+                    data = await self._fetch(object_id, what, expected_size)
                 elapsed = time.monotonic() - started
                 self.counters.fetched_bytes += len(data)
                 self.counters.fetched_objects += 1
@@ -489,6 +528,86 @@ class ObjectSource:
         finally:
             del self._flights[object_id]
             flight.done.set()
+
+    # --- failure memory ----------------------------------------------------
+
+    @property
+    def store_unavailable_for(self) -> float:
+        """Seconds since the store was found unavailable, 0.0 while it answers."""
+        return 0.0 if self._outage is None else time.monotonic() - self._outage.since
+
+    async def _fetch(self, object_id: str, what: str, expected_size: int | None) -> bytes:
+        """One store fetch, or an immediate StoreUnavailableError while the store is
+        known to be down (see OUTAGE_HOLDOFF). Called holding a fetch slot, so the
+        outage is checked after any wait for one.
+
+        Without this memory a store that hangs costs every read its whole retry
+        budget (attempts x read timeout), each kernel request of it again, and
+        fills the fetch slots; with it, one probe at a time pays that cost and
+        the other misses fail in microseconds with a line that says why.
+        Objects in memory or in the disk cache are served as ever.
+        """
+        outage = self._outage
+        probe = False
+        if outage is not None:
+            now = time.monotonic()
+            if outage.probing or now < outage.retry_at:
+                self.counters.fast_failures += 1
+                outage.failed_fast += 1
+                wait = max(outage.retry_at - now, 0.0)
+                raise StoreUnavailableError(
+                    f"{what} {object_id}: the store has been unavailable for {now - outage.since:.0f} s "
+                    f"(next try in {wait:.1f} s): {outage.error}"
+                )
+            outage.probing = probe = True
+        try:
+            data = await trio.to_thread.run_sync(self.repo.get_object, object_id, what, expected_size)
+        except StoreUnavailableError as exc:
+            self._note_unavailable(exc, probe)
+            raise
+        except (NotFoundError, IntegrityError):
+            self._note_answered()  # "missing" and wrong bytes are answers: the store is up
+            raise
+        except BaseException:
+            if probe and self._outage is outage:
+                outage.probing = False  # cancelled, or a bug: the next miss probes instead
+            raise
+        self._note_answered()
+        return data
+
+    def _note_unavailable(self, exc: StoreUnavailableError, probe: bool) -> None:
+        now = time.monotonic()
+        self._unavailable_streak += 1
+        outage = self._outage
+        if outage is None:
+            if self._unavailable_streak < self.outage_after:
+                return
+            self._outage = _Outage(now, str(exc), self.outage_holdoff, now + self.outage_holdoff)
+            log.warning(
+                "store %s unavailable (%s); misses fail at once for %.0f s, then one fetch probes it",
+                self.repo.url,
+                exc,
+                self.outage_holdoff,
+            )
+            return
+        outage.error = str(exc)
+        if probe:
+            outage.probing = False
+            outage.holdoff = min(outage.holdoff * 2, OUTAGE_HOLDOFF_MAX)
+            outage.retry_at = now + outage.holdoff
+            log.info("store %s still unavailable; next probe in %.0f s", self.repo.url, outage.holdoff)
+
+    def _note_answered(self) -> None:
+        self._unavailable_streak = 0
+        outage = self._outage
+        if outage is not None:
+            self._outage = None
+            log.warning(
+                "store %s answers again after %.0f s unavailable (%d misses failed at once)",
+                self.repo.url,
+                time.monotonic() - outage.since,
+                outage.failed_fast,
+            )
 
     async def _write_back(self, object_id: str, data: bytes) -> None:
         try:

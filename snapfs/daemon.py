@@ -224,6 +224,8 @@ class Daemon:
             "fetched_bytes": counters.fetched_bytes,
             "verify_failures": counters.verify_failures,
             "fetch_errors": counters.fetch_errors,
+            "fast_failures": counters.fast_failures,
+            "store_unavailable_seconds": round(self.source.store_unavailable_for, 1),
             "cache_write_failures": counters.cache_write_failures,
             "readahead_objects": counters.readahead_objects,
             "cache_bytes": total,

@@ -25,6 +25,10 @@ _COUNTERS = {
     "fetched_bytes": ("snapfs_fetched_bytes", "Bytes fetched from the store (verified)"),
     "verify_failures": ("snapfs_verify_failures", "Objects whose bytes did not match their ID"),
     "fetch_errors": ("snapfs_fetch_errors", "Fetches that failed: missing object or store unavailable"),
+    "fast_failures": (
+        "snapfs_fast_failures",
+        "Misses failed at once because the store was known to be unavailable",
+    ),
     "cache_write_failures": (
         "snapfs_cache_write_failures",
         "Verified objects that could not be written to the cache",
@@ -37,6 +41,10 @@ _GAUGES = {
     "cache_limit_bytes": ("snapfs_cache_limit_bytes", "The cache size limit"),
     "rss_bytes": ("snapfs_daemon_rss_bytes", "Resident memory of the daemon"),
     "snapshots_open": ("snapfs_snapshots_open", "Snapshots opened during this mount"),
+    "store_unavailable_seconds": (
+        "snapfs_store_unavailable_seconds",
+        "How long the store has been failing fetches as unavailable; 0 while it answers",
+    ),
 }
 
 

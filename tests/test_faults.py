@@ -32,6 +32,7 @@ from support.faultproxy import FaultProxy
 from support.mounts import fuse_missing, mounted, status
 from support.trees import file_digests
 
+from snapfs.cache import OUTAGE_HOLDOFF_MAX
 from snapfs.repo import Repo
 from snapfs.snapshot import push
 
@@ -125,6 +126,25 @@ def probe_finish(proc: subprocess.Popen, ops: list, timeout: float) -> list[dict
 def probe(ops: list[tuple[str, str | bytes | Path]], timeout: float = 60.0) -> list[dict]:
     """Run ``ops`` in a separate reader process; fail if it does not finish in time."""
     return probe_finish(probe_start(ops), ops, timeout)
+
+
+#: After an outage, the mount fails misses at once until a probe finds the store
+#: back (snapfs.cache OUTAGE_HOLDOFF, doubling to OUTAGE_HOLDOFF_MAX per failed
+#: probe): reads are right again within that, plus one probe.
+RECOVERY_BOUND = OUTAGE_HOLDOFF_MAX + 15.0
+
+
+def probe_until_right(ops: list[tuple[str, str | bytes | Path]], shas: list[str]) -> tuple[list[dict], float]:
+    """Run ``ops`` until every read gives its sha256 in ``shas``; fail after RECOVERY_BOUND.
+    Returns the last results and the seconds it took."""
+    started = time.monotonic()
+    while True:
+        results = probe(ops)
+        if [r.get("sha256") for r in results] == shas:
+            return results, time.monotonic() - started
+        if time.monotonic() - started > RECOVERY_BOUND:
+            raise AssertionError(f"not right {RECOVERY_BOUND:.0f} s after the fault ended: {results}")
+        time.sleep(0.5)
 
 
 def reads_of(root: Path | bytes, digests: dict[bytes, bytes]) -> list[tuple[str, bytes]]:
@@ -330,8 +350,9 @@ def test_mount_persistent_fault_is_eio_within_a_bound(fault: str, mount: Path, p
         assert after["verify_failures"] > before["verify_failures"]
     else:
         assert after["fetch_errors"] > before["fetch_errors"]
-    again = probe([("read", root / os.fsdecode(t)) for t in targets])
-    assert [r.get("sha256") for r in again] == [digests[t].hex() for t in targets], again
+    _again, recovered = probe_until_right(
+        [("read", root / os.fsdecode(t)) for t in targets], [digests[t].hex() for t in targets]
+    )
     summary(
         fault,
         files=len(targets),
@@ -339,6 +360,7 @@ def test_mount_persistent_fault_is_eio_within_a_bound(fault: str, mount: Path, p
         wrong=0,
         max_seconds=max(r["seconds"] for r in results),
         then_right=len(targets),
+        right_again_after_s=round(recovered, 1),
         bytes_checked=sum((src / os.fsdecode(t)).stat().st_size for t in targets),
     )
 
@@ -356,8 +378,60 @@ def test_mount_store_down_then_up(mount: Path, proxy: FaultProxy, dataset):
     assert results[1]["sha256"] == cached["sha256"] == digests[b"medium.bin"].hex()  # cached: still served
     assert results[2].get("errno") == errno.EIO  # a tree never fetched
     proxy.up()
-    assert classify(probe(reads_of(root, digests)), root, digests)["right"] == sorted(digests)
-    summary("store-down", eio_seconds=results[0]["seconds"], cached_served=True, then_right=len(digests))
+    _again, recovered = probe_until_right(
+        reads_of(root, digests), [digests[rel].hex() for rel in sorted(digests)]
+    )
+    summary(
+        "store-down",
+        eio_seconds=results[0]["seconds"],
+        cached_served=True,
+        then_right=len(digests),
+        right_again_after_s=round(recovered, 1),
+    )
+
+
+@needs_fuse
+@pytest.mark.fuse
+@pytest.mark.slow
+def test_mount_hung_store_fails_fast_after_the_first_eio(mount: Path, proxy: FaultProxy, dataset):
+    """A hung store costs its timeouts until the mount has seen it fail three times
+    in a row; after that, misses give EIO at once, cached files are still served,
+    and once the store answers again reads are right."""
+    snapshot_id, src, digests = dataset
+    root = mount / snapshot_id
+    probe([("list", root), ("list", root / "small")])
+    cached = probe([("read", root / "medium.bin")])[0]
+    proxy.inject("hang", method="GET", key="objects/", seconds=60)
+    smalls = sorted(rel for rel in digests if rel.startswith(b"small/"))
+    assert len(smalls) >= 6, smalls
+    before = status(mount)
+    results = probe(
+        [("read", root / os.fsdecode(rel)) for rel in smalls[:6]] + [("read", root / "medium.bin")],
+        timeout=6 * EIO_BOUND,
+    )
+    after = status(mount)
+    proxy.clear()
+    assert all(r.get("errno") == errno.EIO for r in results[:6]), results
+    slow, fast = results[0], results[3:6]
+    # The first read pays the timeouts (3 attempts of 2 s each; the kernel may ask
+    # twice, and each ask counts as one failure of the three)...
+    assert slow["seconds"] > 4, slow
+    # ...and once three fetches in a row failed, misses fail at once, though the
+    # store still hangs.
+    assert all(r["seconds"] < 1 for r in fast), fast
+    assert after["fast_failures"] - before["fast_failures"] >= 3, after
+    assert after["store_unavailable_seconds"] > 0, after
+    assert results[6].get("sha256") == cached["sha256"] == digests[b"medium.bin"].hex()
+    reads = [("read", root / os.fsdecode(rel)) for rel in smalls[:6]]
+    _again, recovered = probe_until_right(reads, [digests[rel].hex() for rel in smalls[:6]])
+    assert status(mount)["store_unavailable_seconds"] == 0
+    summary(
+        "hang-outage-memory",
+        first_eio_s=slow["seconds"],
+        then_eio_s=[r["seconds"] for r in fast],
+        cached_served=True,
+        right_again_after_s=round(recovered, 1),
+    )
 
 
 # --- pull, prewarm and push under faults ---------------------------------------------------

@@ -15,7 +15,7 @@ from support.trees import make_mixed_tree
 
 from snapfs import format as fmt
 from snapfs.cache import DiskCache, ObjectSource
-from snapfs.errors import CacheFullError, IntegrityError, NotFoundError, SnapfsError
+from snapfs.errors import CacheFullError, IntegrityError, NotFoundError, SnapfsError, StoreUnavailableError
 from snapfs.hashing import hash_bytes
 from snapfs.repo import Repo
 from snapfs.snapshot import push
@@ -505,3 +505,113 @@ def test_oversized_object_is_refused_after_reading_its_length_plus_one(pushed):
     with pytest.raises(IntegrityError, match="larger than"):
         repo.get_chunk(hash_bytes(data), len(data))
     assert lengths[-1] == len(data) + 1
+
+
+class DownStore(SlowStore):
+    """A store that can go down: while ``down``, every get takes ``delay`` seconds
+    (the retries a real client spends) and then fails as unavailable."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root, delay=0)
+        self.down = False
+        self.down_delay = 0.0
+
+    def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+        if self.down:
+            self.gets.append(key)
+            time.sleep(self.down_delay)
+            raise StoreUnavailableError(f"{key}: cannot read from {self.url}: connection timed out")
+        return super().get(key, start, length)
+
+
+def test_store_outage_is_remembered_then_probed(tmp_path: Path):
+    src = _small_files_dir(tmp_path, 12)
+    store = DownStore(str(tmp_path / "store"))
+    repo = Repo(store)
+    snapshot_id = push(str(src), repo).snapshot_id
+    names = sorted(p.name for p in (src / "d").iterdir() if p.is_file() and not p.is_symlink())
+
+    async def read_name(fs, dir_ino: int, name: str) -> bytes:
+        attr = await fs.lookup(dir_ino, name.encode())
+        return await read_all(fs, attr.ino, attr.size)
+
+    async def timed_failure(fs, dir_ino: int, name: str) -> tuple[float, str]:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError) as caught:
+            await read_name(fs, dir_ino, name)
+        return time.monotonic() - started, str(caught.value)
+
+    async def main():
+        cache = DiskCache(str(tmp_path / "cache"))
+        try:
+            async with ObjectSource(repo, cache, outage_holdoff=0.5) as source:
+                fs = SnapshotFS(source, sibling_files=0)
+                root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+                d = await fs.lookup(root.ino, b"d")
+                assert await read_name(fs, d.ino, names[0]) == (src / "d" / names[0]).read_bytes()
+                store.down, store.down_delay = True, 0.2
+
+                # Each of the first three failures pays the store's full cost...
+                for name in names[1:4]:
+                    seconds, _ = await timed_failure(fs, d.ino, name)
+                    assert seconds >= 0.2
+                assert source.store_unavailable_for > 0
+                # ...then misses fail at once, without asking the store, and say why.
+                gets = len(store.gets)
+                seconds, message = await timed_failure(fs, d.ino, names[4])
+                assert seconds < 0.1 and len(store.gets) == gets
+                assert "unavailable for" in message and "connection timed out" in message, message
+                assert source.counters.fast_failures == 1
+                # Cached objects are served as ever.
+                assert await read_name(fs, d.ino, names[0]) == (src / "d" / names[0]).read_bytes()
+
+                # After the hold-off one miss probes; it fails, and the hold-off doubles.
+                await trio.sleep(0.55)
+                seconds, _ = await timed_failure(fs, d.ino, names[5])
+                assert seconds >= 0.2 and len(store.gets) == gets + 1
+                await trio.sleep(0.55)  # still inside the doubled hold-off (1 s)
+                seconds, _ = await timed_failure(fs, d.ino, names[6])
+                assert seconds < 0.1 and len(store.gets) == gets + 1
+
+                # The store comes back: the next probe reads, and the outage is over.
+                store.down = False
+                await trio.sleep(0.5)
+                assert await read_name(fs, d.ino, names[6]) == (src / "d" / names[6]).read_bytes()
+                assert source.store_unavailable_for == 0
+                for name in names[7:]:
+                    assert await read_name(fs, d.ino, name) == (src / "d" / name).read_bytes()
+                assert source.counters.fast_failures == 2
+        finally:
+            cache.close()
+
+    trio.run(main)
+
+
+def test_a_flaky_store_is_not_an_outage(tmp_path: Path):
+    """Failures with answers between them never make other misses fail at once."""
+    src = _small_files_dir(tmp_path, 12)
+    store = DownStore(str(tmp_path / "store"))
+    repo = Repo(store)
+    snapshot_id = push(str(src), repo).snapshot_id
+    names = sorted(p.name for p in (src / "d").iterdir() if p.is_file() and not p.is_symlink())
+
+    async def main():
+        cache = DiskCache(str(tmp_path / "cache"))
+        try:
+            async with ObjectSource(repo, cache) as source:
+                fs = SnapshotFS(source, sibling_files=0)
+                root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+                d = await fs.lookup(root.ino, b"d")
+                for i, name in enumerate(names):
+                    store.down = i % 3 == 2  # two answers, one failure, ...
+                    attr = await fs.lookup(d.ino, name.encode())
+                    if store.down:
+                        with pytest.raises(StoreUnavailableError):
+                            await read_all(fs, attr.ino, attr.size)
+                    else:
+                        assert await read_all(fs, attr.ino, attr.size) == (src / "d" / name).read_bytes()
+                assert source.counters.fast_failures == 0 and source.store_unavailable_for == 0
+        finally:
+            cache.close()
+
+    trio.run(main)

@@ -147,6 +147,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         ("fetched", f"{human_bytes(status['fetched_bytes'])} in {status['fetched_objects']} objects"),
         ("verify failures", status["verify_failures"]),
         ("fetch errors", status["fetch_errors"]),
+        (
+            "store health",
+            f"unavailable for {status['store_unavailable_seconds']} s, "
+            f"{status['fast_failures']} misses failed at once"
+            if status["store_unavailable_seconds"]
+            else f"answering ({status['fast_failures']} misses failed at once during outages)",
+        ),
         ("snapshots open", status["snapshots_open"]),
         ("memory", f"{human_bytes(status['rss_bytes'])} RSS, {status['cpu_seconds']} CPU seconds"),
     ]

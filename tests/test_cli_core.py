@@ -346,3 +346,38 @@ def test_unknown_format_version_exits_4(env: Env, tmp_path: Path) -> None:
 def test_ls_of_a_non_utf8_file_path(pushed: Pushed) -> None:
     proc = snapfs(pushed.env, "ls", pushed.snapshot_id, os.fsdecode(b"odd \xff\nname"), ok=False)
     assert proc.returncode == 0, proc.stderr
+
+
+def _shape(parser) -> dict:
+    """What a subcommand's parser accepts and prints: its options, defaults and help texts."""
+    return {
+        "options": sorted(
+            (tuple(a.option_strings) or (a.dest,), a.default if not callable(a.default) else "callable")
+            for a in parser._actions
+        ),
+        "defaults": sorted(parser._defaults),
+        "description": parser.description,
+        "epilog": parser.epilog,
+    }
+
+
+def test_one_command_parser_equals_the_full_one() -> None:
+    """`snapfs CMD` builds only CMD's modules (cli/main.py COMMANDS, EXTENDS); each must
+    give CMD exactly the parser the full build gives it, extensions included."""
+    from snapfs.cli import main
+
+    full = main.build_parser()._subparsers._group_actions[0].choices
+    assert sorted(full) == sorted(main.COMMANDS), "COMMANDS in cli/main.py is out of date"
+    for command in main.COMMANDS:
+        alone = main.build_parser(command)._subparsers._group_actions[0].choices
+        assert len(alone) < len(full), command
+        assert _shape(alone[command]) == _shape(full[command]), command
+    # Anything else (no command, an option, a typo) gets every command: help lists
+    # them all, and argparse names the valid choices.
+    assert main.modules_for(None) == main.modules_for("pusj") == main.COMMAND_MODULES
+
+
+def test_a_mistyped_command_lists_the_choices(env: Env) -> None:
+    result = subprocess.run([SNAPFS, "pusj", "x"], capture_output=True, text=True, env=env.vars)
+    assert result.returncode == 2
+    assert "invalid choice: 'pusj'" in result.stderr and "'push'" in result.stderr and "'gc'" in result.stderr

@@ -95,7 +95,17 @@ def register(subparsers, common) -> None:
     )
     p.add_argument("-j", "--jobs", type=int, default=None, help="objects processed at once")
 
-    ident = subparsers.choices["id"]
+    # `snapfs CMD` builds only the parsers CMD needs (cli/main.py): each may be absent.
+    choices = subparsers.choices
+    if "id" in choices:
+        _extend_id(choices["id"])
+    if "pull" in choices:
+        _extend_pull(choices["pull"])
+    if "mount" in choices:
+        _extend_mount(choices["mount"])
+
+
+def _extend_id(ident: argparse.ArgumentParser) -> None:
     ident.add_argument(
         "--format",
         choices=["snapfs", "snapdir"],
@@ -105,13 +115,15 @@ def register(subparsers, common) -> None:
     ident.set_defaults(func=_chain(ident, cmd_id_snapdir, lambda args: args.format == "snapdir"))
     ident.epilog = (ident.epilog or "") + "\n  snapfs id --format snapdir ./data   # the snapdir package's ID"
 
-    pull = subparsers.choices["pull"]
+
+def _extend_pull(pull: argparse.ArgumentParser) -> None:
     pull.set_defaults(
         func=_chain(pull, cmd_pull_snapdir, lambda args: is_snapdir_url(args.store or default_store_url()))
     )
     pull.epilog = (pull.epilog or "") + "\n  snapfs pull SNAPDIR_ID ./copy --store snapdir+s3://bucket/prefix"
 
-    mount = subparsers.choices["mount"]
+
+def _extend_mount(mount: argparse.ArgumentParser) -> None:
     mount.add_argument(
         "--snapdir-max-object",
         type=parse_size,

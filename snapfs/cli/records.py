@@ -36,7 +36,13 @@ def _meta_item(text: str) -> tuple[str, Any]:
 
 
 def register(subparsers, common) -> None:
-    push = subparsers.choices["push"]
+    # `snapfs CMD` builds only the parsers CMD needs (cli/main.py): push may be absent.
+    if "push" in subparsers.choices:
+        _extend_push(subparsers.choices["push"])
+    _register_commands(subparsers, common)
+
+
+def _extend_push(push: argparse.ArgumentParser) -> None:
     group = push.add_argument_group(
         "record options (any of --name, -m, --parent, --input, --meta writes a record; "
         "a plain push only marks the snapshot)"
@@ -77,6 +83,8 @@ def register(subparsers, common) -> None:
         "  snapfs push ./ckpt --name resnet@1 --input imagenet@1.2.0 --meta accuracy=0.89"
     )
 
+
+def _register_commands(subparsers, common) -> None:
     p = add_command(
         subparsers,
         common,

@@ -268,7 +268,7 @@ class Daemon:
 
     async def run(self, on_ready) -> None:
         from . import fuseops
-        from .vfs import SnapshotFS
+        from .vfs import TREE_PREFETCH, SnapshotFS
 
         on_fetch = None
         if self.config.metrics_port is not None:
@@ -290,6 +290,7 @@ class Daemon:
                 list_names=self._list_names,
                 tree_loader=getattr(source, "load_tree", None),
                 sibling_files=self.config.prefetch_siblings,
+                tree_prefetch=min(self.config.prefetch_siblings, TREE_PREFETCH),
             )
             ops = fuseops.Operations(self.fs, self.status)
             options = fuseops.mount_options(allow_other=self.config.allow_other)

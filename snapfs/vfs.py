@@ -59,6 +59,12 @@ READAHEAD_CHUNKS = 8
 SIBLING_FILES = 16
 SIBLING_BYTES = 8 << 20
 SIBLING_FILE_MAX = 1 << 20
+# When a directory's tree is decoded for the first time, the trees of its
+# first TREE_PREFETCH subdirectories and of the TREE_PREFETCH directories after
+# it in its parent start fetching: a walk (find, ls -R, a dataloader's os.walk
+# over its index) then meets each next directory in memory instead of waiting
+# out one store round trip per directory. Tied to --prefetch-siblings (0: off).
+TREE_PREFETCH = 16
 
 
 def _moves(name: str) -> bool:
@@ -136,9 +142,11 @@ class SnapshotFS:
         tree_cache_entries: int = 200_000,
         tree_loader: TreeLoader | None = None,
         sibling_files: int = SIBLING_FILES,
+        tree_prefetch: int = TREE_PREFETCH,
     ) -> None:
         self.source = source
         self.sibling_files = sibling_files
+        self.tree_prefetch = tree_prefetch
         self.tree_loader = tree_loader
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
@@ -160,7 +168,9 @@ class SnapshotFS:
 
     # --- trees -----------------------------------------------------------
 
-    async def _tree(self, tree_id: str, snapshot_id: str, path: bytes) -> _Tree:
+    async def _tree(self, tree_id: str, snapshot_id: str, path: bytes, slot: DirSlot | None = None) -> _Tree:
+        """The decoded tree; ``slot``, if known, is the directory it is for (its
+        parent's next directories are prefetched on first decode)."""
         tree = self.trees.get(tree_id)
         if tree is not None:
             self.trees.move_to_end(tree_id)
@@ -186,7 +196,38 @@ class SnapshotFS:
             while self._tree_entries > self.tree_cache_entries and len(self.trees) > 1:
                 _, old = self.trees.popitem(last=False)
                 self._tree_entries -= len(old.entries)
+            if self.tree_prefetch > 0 and self.tree_loader is None:
+                self._prefetch_trees(tree, slot)
         return tree
+
+    def _prefetch_trees(self, tree: _Tree, slot: DirSlot | None) -> None:
+        """Start fetching the trees a walk visits next (see TREE_PREFETCH): this
+        directory's first subdirectories, then the directories after it in its
+        parent. Bounded scans: a directory of a million files costs no more."""
+        wanted: list[str] = []
+        limit = self.tree_prefetch
+        scan = 16 * limit
+        for entry in tree.entries[:scan]:
+            if entry.is_dir:
+                wanted.append(entry.tree_id)  # type: ignore[arg-type]
+                if len(wanted) >= limit:
+                    break
+        # A snapshot's root (empty path) has no parent tree; every other directory's
+        # parent_ino is its parent directory's slot.
+        parent = self.slots[slot.parent_ino >> SLOT_SHIFT] if slot is not None and slot.path else None
+        parent_tree = self.trees.get(parent.tree_id) if parent is not None else None
+        if parent_tree is not None:
+            index = parent_tree.index.get(slot.path.rpartition(b"/")[2], len(parent_tree.entries))  # type: ignore[union-attr]
+            found = 0
+            for entry in parent_tree.entries[index + 1 : index + 1 + scan]:
+                if entry.is_dir:
+                    wanted.append(entry.tree_id)  # type: ignore[arg-type]
+                    found += 1
+                    if found >= limit:
+                        break
+        for tree_id in wanted:
+            if tree_id not in self.trees and not self.source.prefetch(tree_id, "tree"):
+                break  # prefetch slots are full: the store is busy enough
 
     def _slot(self, ino: int) -> DirSlot:
         s = ino >> SLOT_SHIFT
@@ -206,7 +247,7 @@ class SnapshotFS:
         return s << SLOT_SHIFT
 
     async def _slot_tree(self, slot: DirSlot) -> _Tree:
-        return await self._tree(slot.tree_id, slot.snapshot_id, slot.path)
+        return await self._tree(slot.tree_id, slot.snapshot_id, slot.path, slot)
 
     # --- attributes ------------------------------------------------------
 

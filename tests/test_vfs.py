@@ -172,6 +172,7 @@ def test_single_flight_one_fetch_for_many_readers(pushed):
     async def body(fs, source):
         root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
         ino, attr = await resolve(fs, root.ino, b"medium.bin")
+        await _settle(source)  # tree prefetches started by the lookups
         store.gets.clear()
         misses_before = source.counters.misses
         results = []
@@ -409,7 +410,7 @@ def test_cold_small_read_prefetches_its_siblings(tmp_path: Path):
         cache = DiskCache(str(cache_dir))
         try:
             async with ObjectSource(repo, cache) as source:
-                fs = SnapshotFS(source, sibling_files=sibling_files)
+                fs = SnapshotFS(source, sibling_files=sibling_files, tree_prefetch=0)
                 root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
                 d = await fs.lookup(root.ino, b"d")
                 await fs.lookup(d.ino, names[5].encode())  # the directory's tree is fetched here
@@ -434,7 +435,7 @@ def test_cold_small_read_prefetches_its_siblings(tmp_path: Path):
         cache = DiskCache(str(cache_dir))
         try:
             async with ObjectSource(repo, cache) as source:
-                fs = SnapshotFS(source, sibling_files=8)
+                fs = SnapshotFS(source, sibling_files=8, tree_prefetch=0)
                 root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
                 d = await fs.lookup(root.ino, b"d")
                 await read_name(fs, d.ino, names[5])
@@ -615,3 +616,56 @@ def test_a_flaky_store_is_not_an_outage(tmp_path: Path):
             cache.close()
 
     trio.run(main)
+
+
+def test_a_walk_meets_prefetched_trees(tmp_path: Path):
+    """find/os.walk: after the first directories, each next directory's tree is
+    already fetched when the walk gets there; with prefetch off, each costs a GET."""
+    src = tmp_path / "src"
+    for top in range(3):
+        for sub in range(30):
+            d = src / f"t{top}" / f"s{sub:02d}"
+            d.mkdir(parents=True)
+            (d / "f").write_bytes(f"{top}-{sub}".encode())  # distinct trees: no dedup
+    store = SlowStore(str(tmp_path / "store"), delay=0)
+    repo = Repo(store)
+    snapshot_id = push(str(src), repo).snapshot_id
+
+    def object_gets() -> int:
+        return sum(1 for key in store.gets if key.startswith("objects/"))
+
+    async def walk(tree_prefetch: int, cache_dir: Path) -> tuple[list[int], int, list[str]]:
+        cache = DiskCache(str(cache_dir))
+        start = object_gets()
+        try:
+            async with ObjectSource(repo, cache) as source:
+                fs = SnapshotFS(source, sibling_files=0, tree_prefetch=tree_prefetch)
+                waited: list[int] = []  # per directory: tree GETs made while visiting it
+                seen: list[str] = []
+                root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+                stack = [(root.ino, "")]
+                while stack:
+                    ino, path = stack.pop()
+                    await _settle(source)
+                    before = object_gets()
+                    rows = await fs.readdir(ino, 0)
+                    waited.append(object_gets() - before)
+                    seen.append(path)
+                    for name, attr, _next in reversed(rows):
+                        if stat.S_ISDIR(attr.mode):
+                            stack.append((attr.ino, f"{path}/{name.decode()}"))
+                await _settle(source)
+                return waited, object_gets() - start, seen
+        finally:
+            cache.close()
+
+    dirs = 1 + 3 + 3 * 30
+    waited, gets, seen = trio.run(walk, 16, tmp_path / "cache-on")
+    assert len(seen) == dirs and seen[1] == "/t0" and seen[2] == "/t0/s00"
+    # Every tree is fetched once (the root's by the lookup), and no directory
+    # visit waits for one: each was prefetched by its parent or a sibling.
+    assert gets == dirs, gets
+    assert waited == [0] * dirs, waited
+    waited_off, gets_off, seen_off = trio.run(walk, 0, tmp_path / "cache-off")
+    assert seen_off == seen and gets_off == dirs
+    assert waited_off == [0] + [1] * (dirs - 1)

@@ -47,7 +47,8 @@ def register(subparsers, common) -> None:
         default=16,
         metavar="N",
         help="on a cold read of a small file, also fetch up to N small files after it in its "
-        "directory, as shuffled dataloaders read them all (default 16; 0: off)",
+        "directory, as shuffled dataloaders read them all; on a directory's first visit, "
+        "the trees of up to min(N, 16) subdirectories and next directories (default 16; 0: off)",
     )
     p.add_argument(
         "--readahead",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -410,7 +411,9 @@ def test_mount_hung_store_fails_fast_after_the_first_eio(mount: Path, proxy: Fau
         timeout=6 * EIO_BOUND,
     )
     after = status(mount)
+    shown = cli("status", str(mount)).stdout
     proxy.clear()
+    assert re.search(r"store health +unavailable for [\d.]+ s; uncached reads fail at once", shown), shown
     assert all(r.get("errno") == errno.EIO for r in results[:6]), results
     slow, fast = results[0], results[3:6]
     # The first read pays the timeouts (3 attempts of 2 s each; the kernel may ask
@@ -425,6 +428,7 @@ def test_mount_hung_store_fails_fast_after_the_first_eio(mount: Path, proxy: Fau
     reads = [("read", root / os.fsdecode(rel)) for rel in smalls[:6]]
     _again, recovered = probe_until_right(reads, [digests[rel].hex() for rel in smalls[:6]])
     assert status(mount)["store_unavailable_seconds"] == 0
+    assert re.search(r"store health +answering \(\d+ reads failed at once", cli("status", str(mount)).stdout)
     summary(
         "hang-outage-memory",
         first_eio_s=slow["seconds"],

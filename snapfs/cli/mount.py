@@ -118,6 +118,16 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_health(status: dict) -> str:
+    failed = status["fast_failures"]
+    if status["store_unavailable_seconds"]:
+        return (
+            f"unavailable for {status['store_unavailable_seconds']} s; "
+            f"uncached reads fail at once ({failed} so far)"
+        )
+    return f"answering ({failed} reads failed at once during outages)" if failed else "answering"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .. import daemon  # lazy: trio and the daemon are not needed to parse arguments
 
@@ -148,13 +158,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         ("fetched", f"{human_bytes(status['fetched_bytes'])} in {status['fetched_objects']} objects"),
         ("verify failures", status["verify_failures"]),
         ("fetch errors", status["fetch_errors"]),
-        (
-            "store health",
-            f"unavailable for {status['store_unavailable_seconds']} s, "
-            f"{status['fast_failures']} misses failed at once"
-            if status["store_unavailable_seconds"]
-            else f"answering ({status['fast_failures']} misses failed at once during outages)",
-        ),
+        ("store health", _store_health(status)),
         ("snapshots open", status["snapshots_open"]),
         ("memory", f"{human_bytes(status['rss_bytes'])} RSS, {status['cpu_seconds']} CPU seconds"),
     ]

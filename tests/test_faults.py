@@ -368,16 +368,26 @@ def test_mount_persistent_fault_is_eio_within_a_bound(fault: str, mount: Path, p
 
 @needs_fuse
 @pytest.mark.fuse
-def test_mount_store_down_then_up(mount: Path, proxy: FaultProxy, dataset):
+def test_mount_store_down_then_up(mount: Path, proxy: FaultProxy, store: str, dataset, tmp_path: Path):
     snapshot_id, src, digests = dataset
     root = mount / snapshot_id
     probe([("list", root)])
     cached = probe([("read", root / "medium.bin")])[0]
+    # Listing the root prefetched the trees below it; a snapshot never opened has none.
+    unseen = push(str(make_tree(tmp_path / "unseen", 5, small=2)), Repo.open(store)).snapshot_id
     proxy.down()
-    results = probe([("read", root / "large.bin"), ("read", root / "medium.bin"), ("list", root / "small")])
+    results = probe(
+        [
+            ("read", root / "large.bin"),
+            ("read", root / "medium.bin"),
+            ("list", root / "small"),
+            ("list", mount / unseen),
+        ]
+    )
     assert results[0].get("errno") == errno.EIO and results[0]["seconds"] < EIO_BOUND, results
     assert results[1]["sha256"] == cached["sha256"] == digests[b"medium.bin"].hex()  # cached: still served
-    assert results[2].get("errno") == errno.EIO  # a tree never fetched
+    assert results[2].get("names") == sorted(os.fsdecode(r)[6:] for r in digests if r.startswith(b"small/"))
+    assert results[3].get("errno") == errno.EIO, results  # a tree never fetched
     proxy.up()
     _again, recovered = probe_until_right(
         reads_of(root, digests), [digests[rel].hex() for rel in sorted(digests)]
@@ -401,7 +411,9 @@ def test_mount_hung_store_fails_fast_after_the_first_eio(mount: Path, proxy: Fau
     snapshot_id, src, digests = dataset
     root = mount / snapshot_id
     probe([("list", root), ("list", root / "small")])
-    cached = probe([("read", root / "medium.bin")])[0]
+    # An uncached read that succeeds: the store answers (no outage left from before).
+    cached, _ = probe_until_right([("read", root / "medium.bin")], [digests[b"medium.bin"].hex()])
+    cached = cached[0]
     proxy.inject("hang", method="GET", key="objects/", seconds=60)
     smalls = sorted(rel for rel in digests if rel.startswith(b"small/"))
     assert len(smalls) >= 6, smalls

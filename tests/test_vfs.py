@@ -525,12 +525,18 @@ class DownStore(SlowStore):
         return super().get(key, start, length)
 
 
-def test_store_outage_is_remembered_then_probed(tmp_path: Path):
+def _down_store_snapshot(tmp_path: Path) -> tuple[Path, DownStore, Repo, str, list[str]]:
+    """12 small files in d/, pushed to a DownStore: (src, store, repo, snapshot ID, file names)."""
     src = _small_files_dir(tmp_path, 12)
     store = DownStore(str(tmp_path / "store"))
     repo = Repo(store)
     snapshot_id = push(str(src), repo).snapshot_id
     names = sorted(p.name for p in (src / "d").iterdir() if p.is_file() and not p.is_symlink())
+    return src, store, repo, snapshot_id, names
+
+
+def test_store_outage_is_remembered_then_probed(tmp_path: Path):
+    src, store, repo, snapshot_id, names = _down_store_snapshot(tmp_path)
 
     async def read_name(fs, dir_ino: int, name: str) -> bytes:
         attr = await fs.lookup(dir_ino, name.encode())
@@ -590,11 +596,7 @@ def test_store_outage_is_remembered_then_probed(tmp_path: Path):
 
 def test_a_flaky_store_is_not_an_outage(tmp_path: Path):
     """Failures with answers between them never make other misses fail at once."""
-    src = _small_files_dir(tmp_path, 12)
-    store = DownStore(str(tmp_path / "store"))
-    repo = Repo(store)
-    snapshot_id = push(str(src), repo).snapshot_id
-    names = sorted(p.name for p in (src / "d").iterdir() if p.is_file() and not p.is_symlink())
+    src, store, repo, snapshot_id, names = _down_store_snapshot(tmp_path)
 
     async def main():
         cache = DiskCache(str(tmp_path / "cache"))

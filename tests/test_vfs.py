@@ -455,7 +455,7 @@ def test_object_waiting_for_its_cache_write_is_not_fetched_again(pushed):
         cache = DiskCache(str(tmp / "cache"))
         try:
             async with ObjectSource(repo, cache, memory_bytes=0) as source:
-                fs = SnapshotFS(source, sibling_files=0)
+                fs = SnapshotFS(source, sibling_files=0, tree_prefetch=0)
                 root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
                 ino, attr = await resolve(fs, root.ino, b"run.sh")
                 source.write_limiter.total_tokens = 1
@@ -552,7 +552,7 @@ def test_store_outage_is_remembered_then_probed(tmp_path: Path):
         cache = DiskCache(str(tmp_path / "cache"))
         try:
             async with ObjectSource(repo, cache, outage_holdoff=0.5) as source:
-                fs = SnapshotFS(source, sibling_files=0)
+                fs = SnapshotFS(source, sibling_files=0, tree_prefetch=0)
                 root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
                 d = await fs.lookup(root.ino, b"d")
                 assert await read_name(fs, d.ino, names[0]) == (src / "d" / names[0]).read_bytes()

@@ -117,6 +117,19 @@ def sample(tmp_path: Path) -> Path:
     return make_mixed_tree(tmp_path / "src", large_mib=2)
 
 
+def _status_and_metrics(mnt: Path, port: int) -> tuple[dict, dict]:
+    """The mount's status and a metrics scrape that agree: taken when no background
+    fetch (readahead, tree prefetch) finished between the two."""
+    keys = ("hits", "misses", "fetched_bytes", "fetched_objects", "cache_bytes")
+    for _ in range(100):
+        first = status(mnt)
+        metrics = scrape(port)
+        if all(status(mnt)[k] == first[k] for k in keys):
+            return first, metrics
+        time.sleep(0.05)
+    raise AssertionError("the mount's counters kept changing for 5 s with no reader")
+
+
 @pytest.fixture
 def proxy(request: pytest.FixtureRequest):
     """A FaultProxy in front of the session's SeaweedFS (for S3 tests only)."""
@@ -190,8 +203,7 @@ def test_prewarm_while_the_mount_serves_and_metrics_follow(
         # A few cold reads: the counters and the metrics must show them.
         for name in (b"run.sh", b"medium.bin", b"small files/img_000.jpg"):
             assert _sha(os.path.join(os.fsencode(root), name)) == digests[name]
-        before = status(mnt)
-        metrics = scrape(port)
+        before, metrics = _status_and_metrics(mnt, port)
         assert before["misses"] > 0 and before["fetched_bytes"] >= 700_000
         assert metrics["snapfs_cache_misses_total"] == before["misses"]
         assert metrics["snapfs_fetched_bytes_total"] == before["fetched_bytes"]
@@ -239,13 +251,12 @@ def test_prewarm_while_the_mount_serves_and_metrics_follow(
             root, workers=2, exclude=tuple(k for k in digests if k.startswith(b"small files/"))
         )
         assert rest == {k: v for k, v in digests.items() if not k.startswith(b"small files/")}
-        final = status(mnt)
+        final, metrics = _status_and_metrics(mnt, port)
         assert (
             final["misses"] == after_prewarm["misses"]
             and final["fetched_bytes"] == after_prewarm["fetched_bytes"]
         )
         assert proxy.requests_seen == requests_before
-        metrics = scrape(port)
         assert metrics["snapfs_cache_misses_total"] == final["misses"]
         assert metrics["snapfs_fetch_seconds_count"] == final["fetched_objects"]
 

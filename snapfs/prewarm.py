@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from . import format as fmt
-from .cache import DiskCache
-from .errors import CacheFullError, NotFoundError, SnapfsError
+from .cache import OUTAGE_AFTER, DiskCache
+from .errors import CacheFullError, IntegrityError, NotFoundError, SnapfsError, StoreUnavailableError
 from .format import Entry
 from .repo import Repo
 
@@ -58,6 +58,8 @@ class PrewarmResult:
     failed: list[str] = field(default_factory=list)
     seconds: float = 0.0
     pinned: bool = False
+    #: Why the rest was not tried: the store failed OUTAGE_AFTER fetches in a row.
+    store_unavailable: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -257,14 +259,23 @@ def prewarm(
 
     lock = threading.Lock()
     disk_full = threading.Event()
+    # Fetches failed as unavailable since the store last answered. At OUTAGE_AFTER
+    # the store is taken as down and the rest is not tried: each would pay the
+    # client's whole retry budget (minutes for a hung store) only to fail too.
+    unavailable_streak = 0
 
     def fetch(item: tuple[str, int]) -> None:
+        nonlocal unavailable_streak
         object_id, size = item
         if disk_full.is_set():
             # Fetching the rest would only throw it away (and one log line each would
             # bury the reason): listed as failed, unlogged.
             with lock:
                 result.failed.append(f"{object_id}: not fetched, the cache disk {cache.directory} is full")
+            return
+        if result.store_unavailable is not None:
+            with lock:
+                result.failed.append(f"{object_id}: not fetched, the store is unavailable")
             return
         try:
             data = repo.get_object(object_id, "chunk", size)
@@ -278,12 +289,32 @@ def prewarm(
                         "(no space left on device); free space or lower --cache-size, then rerun"
                     )
                 raise SnapfsError(f"could not write object {object_id} to the cache {cache.directory}")
-        except (NotFoundError, SnapfsError) as exc:
+        except StoreUnavailableError as exc:
+            log.error("prewarm of %s: %s", snapshot_id, exc)
+            with lock:
+                result.failed.append(f"{object_id}: {exc}")
+                unavailable_streak += 1
+                if unavailable_streak >= OUTAGE_AFTER and result.store_unavailable is None:
+                    result.store_unavailable = str(exc)
+                    log.error(
+                        "prewarm of %s: the store failed %d fetches in a row; not trying the rest",
+                        snapshot_id,
+                        unavailable_streak,
+                    )
+            return
+        except (NotFoundError, IntegrityError) as exc:  # answers: the store is up
+            log.error("prewarm of %s: %s", snapshot_id, exc)
+            with lock:
+                result.failed.append(f"{object_id}: {exc}")
+                unavailable_streak = 0
+            return
+        except SnapfsError as exc:
             log.error("prewarm of %s: %s", snapshot_id, exc)
             with lock:
                 result.failed.append(f"{object_id}: {exc}")
             return
         with lock:
+            unavailable_streak = 0
             result.fetched_objects += 1
             result.fetched_bytes += size
         if progress:

@@ -33,7 +33,7 @@ from support.faultproxy import FaultProxy
 from support.mounts import fuse_missing, mounted, status
 from support.trees import file_digests
 
-from snapfs.cache import OUTAGE_HOLDOFF_MAX
+from snapfs.cache import OUTAGE_AFTER, OUTAGE_HOLDOFF_MAX
 from snapfs.repo import Repo
 from snapfs.snapshot import push
 
@@ -570,6 +570,41 @@ def test_prewarm_under_faults_reports_clearly_and_resumes(
         rerun_fetched=again["fetched_objects"],
         verified=verify["checked"],
     )
+
+
+def test_prewarm_stops_when_the_store_is_down_and_a_rerun_completes(
+    proxy: FaultProxy, store: str, dataset, tmp_path: Path
+):
+    """Three chunk fetches in a row failing as unavailable stop the prewarm: the rest
+    is listed as not fetched instead of each paying the client's retries."""
+    snapshot_id, _src, digests = dataset
+    repo = Repo.open(store)
+    chunk_ids = {c for rel in digests for c, _ in repo.lookup_path(snapshot_id, os.fsdecode(rel)).chunks}
+    cache = tmp_path / "cache"
+    args = ["prewarm", snapshot_id, "--store", store, "--cache", str(cache)]
+    args += ["--endpoint-url", proxy.endpoint_url, "--jobs", "2", "--json"]
+    proxy.inject("reset", method="GET", key="|".join(c[2:] for c in chunk_ids))
+    first = cli(*args)
+    assert first.returncode == 5, first.stderr
+    line = one_line_error(first)
+    assert "stopped" in line and "rerun to retry" in line and snapshot_id[:12] in line, line
+    report = json.loads(first.stdout)
+    # Every chunk failed or was skipped; only the trees (fetched by the plan) are in.
+    assert report["failed_count"] == len(chunk_ids), report
+    assert report["fetched_objects"] + report["failed_count"] == report["objects"], report
+    assert report["store_unavailable"], report
+    # 2 jobs: the three failures in a row, and at most one more fetch in flight,
+    # each 3 attempts (CLIENT_ENV); without the stop, every chunk would be tried.
+    tried = proxy.faults_injected.get("reset", 0)
+    assert tried <= (OUTAGE_AFTER + 1) * 3 < len(chunk_ids) * 3, (tried, len(chunk_ids))
+    proxy.clear()
+    second = cli(*args)
+    assert second.returncode == 0, second.stderr
+    again = json.loads(second.stdout)
+    assert again["ok"] and again["fetched_objects"] == len(chunk_ids), again
+    verify = json.loads(cli("cache", "verify", "--cache", str(cache), "--json").stdout)
+    assert verify["bad"] == [] and verify["checked"] == again["objects"]
+    summary("prewarm-store-down", chunks=len(chunk_ids), requests_tried=tried, rerun_fetched=len(chunk_ids))
 
 
 def assert_nothing_dangles(repo: Repo) -> dict[str, int]:

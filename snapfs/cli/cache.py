@@ -10,7 +10,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from ..errors import SnapfsError
+from ..errors import SnapfsError, StoreUnavailableError
 
 if TYPE_CHECKING:
     from ..cache import DiskCache
@@ -170,6 +170,11 @@ def cmd_prewarm(args: argparse.Namespace) -> int:
     if not result.ok:
         for line in result.failed[:10]:
             stderr(f"failed: {line}")
+        if result.store_unavailable is not None:
+            raise StoreUnavailableError(
+                f"prewarm of {snapshot_id[:12]} stopped: the store failed several fetches in a row, "
+                f"{len(result.failed)} objects not fetched ({result.store_unavailable}); rerun to retry"
+            )
         raise SnapfsError(
             f"prewarm of {snapshot_id[:12]} failed for {len(result.failed)} objects; rerun to retry"
         )

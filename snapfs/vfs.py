@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+import itertools
 import logging
 import os
 import stat
@@ -204,27 +205,22 @@ class SnapshotFS:
         """Start fetching the trees a walk visits next (see TREE_PREFETCH): this
         directory's first subdirectories, then the directories after it in its
         parent. Bounded scans: a directory of a million files costs no more."""
-        wanted: list[str] = []
         limit = self.tree_prefetch
         scan = 16 * limit
-        for entry in tree.entries[:scan]:
-            if entry.is_dir:
-                wanted.append(entry.tree_id)  # type: ignore[arg-type]
-                if len(wanted) >= limit:
-                    break
+
+        def subdir_trees(entries: list[Entry], start: int = 0) -> list[str]:
+            # The first `limit` directories among the `scan` entries from `start`.
+            found = (e.tree_id for e in entries[start : start + scan] if e.is_dir)
+            return list(itertools.islice(found, limit))  # type: ignore[arg-type]
+
+        wanted = subdir_trees(tree.entries)
         # A snapshot's root (empty path) has no parent tree; every other directory's
         # parent_ino is its parent directory's slot.
         parent = self.slots[slot.parent_ino >> SLOT_SHIFT] if slot is not None and slot.path else None
         parent_tree = self.trees.get(parent.tree_id) if parent is not None else None
         if parent_tree is not None:
             index = parent_tree.index.get(slot.path.rpartition(b"/")[2], len(parent_tree.entries))  # type: ignore[union-attr]
-            found = 0
-            for entry in parent_tree.entries[index + 1 : index + 1 + scan]:
-                if entry.is_dir:
-                    wanted.append(entry.tree_id)  # type: ignore[arg-type]
-                    found += 1
-                    if found >= limit:
-                        break
+            wanted += subdir_trees(parent_tree.entries, index + 1)
         for tree_id in wanted:
             if tree_id not in self.trees and not self.source.prefetch(tree_id, "tree"):
                 break  # prefetch slots are full: the store is busy enough

@@ -299,6 +299,26 @@ class Counters:
     fetch_seconds: list[float] = field(default_factory=list, repr=False)
 
 
+class UnavailableStreak:
+    """The rule that calls a store down: ``after`` fetches in a row failed as
+    unavailable (StoreUnavailableError, retries spent), with no answer between
+    them. "No such object" and wrong bytes are answers: the store is up. Used by
+    the mount (ObjectSource) and by prewarm; not thread-safe by itself."""
+
+    def __init__(self, after: int = OUTAGE_AFTER) -> None:
+        self.after = after
+        self.count = 0
+
+    def record(self, error: BaseException | None) -> bool:
+        """Note one fetch's outcome (None: it succeeded). True once the row is long
+        enough to call the store down."""
+        if error is None or isinstance(error, (NotFoundError, IntegrityError)):
+            self.count = 0
+        elif isinstance(error, StoreUnavailableError):
+            self.count += 1
+        return self.count >= self.after
+
+
 @dataclass
 class _Outage:
     """OUTAGE_AFTER fetches in a row found the store unavailable; it has not answered since."""
@@ -359,9 +379,8 @@ class ObjectSource:
         self._writes_idle = trio.Event()
         self._writes_idle.set()
         self._last_index_error: str | None = None
-        self.outage_after = outage_after
+        self._streak = UnavailableStreak(outage_after)
         self.outage_holdoff = outage_holdoff
-        self._unavailable_streak = 0  # fetches failed as unavailable since the store last answered
         self._outage: _Outage | None = None
 
     async def __aenter__(self) -> ObjectSource:
@@ -577,10 +596,10 @@ class ObjectSource:
 
     def _note_unavailable(self, exc: StoreUnavailableError, probe: bool) -> None:
         now = time.monotonic()
-        self._unavailable_streak += 1
+        down = self._streak.record(exc)
         outage = self._outage
         if outage is None:
-            if self._unavailable_streak < self.outage_after:
+            if not down:
                 return
             self._outage = _Outage(now, str(exc), self.outage_holdoff, now + self.outage_holdoff)
             log.warning(
@@ -598,7 +617,7 @@ class ObjectSource:
             log.info("store %s still unavailable; next probe in %.0f s", self.repo.url, outage.holdoff)
 
     def _note_answered(self) -> None:
-        self._unavailable_streak = 0
+        self._streak.record(None)
         outage = self._outage
         if outage is not None:
             self._outage = None

@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from . import format as fmt
-from .cache import OUTAGE_AFTER, DiskCache
-from .errors import CacheFullError, IntegrityError, NotFoundError, SnapfsError, StoreUnavailableError
+from .cache import DiskCache, UnavailableStreak
+from .errors import CacheFullError, NotFoundError, SnapfsError
 from .format import Entry
 from .repo import Repo
 
@@ -58,7 +58,7 @@ class PrewarmResult:
     failed: list[str] = field(default_factory=list)
     seconds: float = 0.0
     pinned: bool = False
-    #: Why the rest was not tried: the store failed OUTAGE_AFTER fetches in a row.
+    #: Why the rest was not tried: the store was called down (cache.UnavailableStreak).
     store_unavailable: str | None = None
 
     @property
@@ -259,13 +259,12 @@ def prewarm(
 
     lock = threading.Lock()
     disk_full = threading.Event()
-    # Fetches failed as unavailable since the store last answered. At OUTAGE_AFTER
-    # the store is taken as down and the rest is not tried: each would pay the
-    # client's whole retry budget (minutes for a hung store) only to fail too.
-    unavailable_streak = 0
+    # The mount's rule for a down store (under `lock`). Once it says so, the rest
+    # is not tried: each would pay the client's whole retry budget (minutes for a
+    # hung store) only to fail too.
+    streak = UnavailableStreak()
 
     def fetch(item: tuple[str, int]) -> None:
-        nonlocal unavailable_streak
         object_id, size = item
         if disk_full.is_set():
             # Fetching the rest would only throw it away (and one log line each would
@@ -289,32 +288,20 @@ def prewarm(
                         "(no space left on device); free space or lower --cache-size, then rerun"
                     )
                 raise SnapfsError(f"could not write object {object_id} to the cache {cache.directory}")
-        except StoreUnavailableError as exc:
+        except (NotFoundError, SnapfsError) as exc:
             log.error("prewarm of %s: %s", snapshot_id, exc)
             with lock:
                 result.failed.append(f"{object_id}: {exc}")
-                unavailable_streak += 1
-                if unavailable_streak >= OUTAGE_AFTER and result.store_unavailable is None:
+                if streak.record(exc) and result.store_unavailable is None:
                     result.store_unavailable = str(exc)
                     log.error(
                         "prewarm of %s: the store failed %d fetches in a row; not trying the rest",
                         snapshot_id,
-                        unavailable_streak,
+                        streak.count,
                     )
             return
-        except (NotFoundError, IntegrityError) as exc:  # answers: the store is up
-            log.error("prewarm of %s: %s", snapshot_id, exc)
-            with lock:
-                result.failed.append(f"{object_id}: {exc}")
-                unavailable_streak = 0
-            return
-        except SnapfsError as exc:
-            log.error("prewarm of %s: %s", snapshot_id, exc)
-            with lock:
-                result.failed.append(f"{object_id}: {exc}")
-            return
         with lock:
-            unavailable_streak = 0
+            streak.record(None)
             result.fetched_objects += 1
             result.fetched_bytes += size
         if progress:

@@ -49,12 +49,22 @@ def pushed(tmp_path: Path):
     return src, repo, store, snapshot_id, tmp_path
 
 
-def run_fs(repo: Repo, cache_dir: Path, body, **cache_kwargs):
+def run_fs(
+    repo: Repo,
+    cache_dir: Path,
+    body,
+    *,
+    source_kwargs: dict | None = None,
+    fs_kwargs: dict | None = None,
+    **cache_kwargs,
+):
+    """``body(fs, source)`` on a fresh DiskCache, ObjectSource and SnapshotFS; its result."""
+
     async def main():
         cache = DiskCache(str(cache_dir), **cache_kwargs)
         try:
-            async with ObjectSource(repo, cache) as source:
-                fs = SnapshotFS(source)
+            async with ObjectSource(repo, cache, **(source_kwargs or {})) as source:
+                fs = SnapshotFS(source, **(fs_kwargs or {}))
                 return await body(fs, source)
         finally:
             cache.close()
@@ -84,6 +94,12 @@ async def read_all(fs: SnapshotFS, ino: int, size: int, step: int = 131072) -> b
         return bytes(out)
     finally:
         fs.release(fh)
+
+
+async def read_name(fs: SnapshotFS, dir_ino: int, name: str) -> bytes:
+    """The whole file ``name`` in directory ``dir_ino``."""
+    attr = await fs.lookup(dir_ino, name.encode())
+    return await read_all(fs, attr.ino, attr.size)
 
 
 def test_tree_matches_source(pushed):
@@ -402,76 +418,63 @@ def test_cold_small_read_prefetches_its_siblings(tmp_path: Path):
     def file_gets(before: int) -> int:
         return sum(1 for k in store.gets[before:] if k.startswith("objects/"))
 
-    async def read_name(fs, dir_ino: int, name: str) -> bytes:
-        attr = await fs.lookup(dir_ino, name.encode())
-        return await read_all(fs, attr.ino, attr.size)
+    def cold(sibling_files: int, cache_dir: Path):
+        async def body(fs, source):
+            root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+            d = await fs.lookup(root.ino, b"d")
+            await fs.lookup(d.ino, names[5].encode())  # the directory's tree is fetched here
+            before = len(store.gets)
+            assert await read_name(fs, d.ino, names[5]) == (src / "d" / names[5]).read_bytes()
+            await _settle(source)
+            first = file_gets(before)
+            before = len(store.gets)
+            # The files after it in the directory are now local: no store reads.
+            for name in names[6 : 6 + sibling_files]:
+                assert await read_name(fs, d.ino, name) == (src / "d" / name).read_bytes()
+            return first, file_gets(before), source.counters.readahead_objects
 
-    async def body(sibling_files: int, cache_dir: Path):
-        cache = DiskCache(str(cache_dir))
-        try:
-            async with ObjectSource(repo, cache) as source:
-                fs = SnapshotFS(source, sibling_files=sibling_files, tree_prefetch=0)
-                root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
-                d = await fs.lookup(root.ino, b"d")
-                await fs.lookup(d.ino, names[5].encode())  # the directory's tree is fetched here
-                before = len(store.gets)
-                assert await read_name(fs, d.ino, names[5]) == (src / "d" / names[5]).read_bytes()
-                await _settle(source)
-                first = file_gets(before)
-                before = len(store.gets)
-                # The files after it in the directory are now local: no store reads.
-                for name in names[6 : 6 + sibling_files]:
-                    assert await read_name(fs, d.ino, name) == (src / "d" / name).read_bytes()
-                return first, file_gets(before), source.counters.readahead_objects
-        finally:
-            cache.close()
+        return run_fs(repo, cache_dir, body, fs_kwargs={"sibling_files": sibling_files, "tree_prefetch": 0})
 
     # One cold read fetches the file and the next 8 small files; reading those costs no GET.
-    assert trio.run(body, 8, tmp_path / "cache") == (9, 0, 8)
+    assert cold(8, tmp_path / "cache") == (9, 0, 8)
     # Off: one GET per file.
-    assert trio.run(body, 0, tmp_path / "cache-off") == (1, 0, 0)
+    assert cold(0, tmp_path / "cache-off") == (1, 0, 0)
 
-    async def warm(cache_dir: Path):
-        cache = DiskCache(str(cache_dir))
-        try:
-            async with ObjectSource(repo, cache) as source:
-                fs = SnapshotFS(source, sibling_files=8, tree_prefetch=0)
-                root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
-                d = await fs.lookup(root.ino, b"d")
-                await read_name(fs, d.ino, names[5])
-                await _settle(source)
-                return source.counters.readahead_objects
-        finally:
-            cache.close()
+    async def warm(fs, source):
+        root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+        d = await fs.lookup(root.ino, b"d")
+        await read_name(fs, d.ino, names[5])
+        await _settle(source)
+        return source.counters.readahead_objects
 
     # A read served by the disk cache is not a cold read: it prefetches nothing.
-    assert trio.run(warm, tmp_path / "cache") == 0
+    assert run_fs(repo, tmp_path / "cache", warm, fs_kwargs={"sibling_files": 8, "tree_prefetch": 0}) == 0
 
 
 def test_object_waiting_for_its_cache_write_is_not_fetched_again(pushed):
     src, repo, store, snapshot_id, tmp = pushed
 
-    async def main():
-        cache = DiskCache(str(tmp / "cache"))
-        try:
-            async with ObjectSource(repo, cache, memory_bytes=0) as source:
-                fs = SnapshotFS(source, sibling_files=0, tree_prefetch=0)
-                root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
-                ino, attr = await resolve(fs, root.ino, b"run.sh")
-                source.write_limiter.total_tokens = 1
-                await source.write_limiter.acquire()  # hold the cache writes back
-                before = len(store.gets)
-                first = await read_all(fs, ino, attr.size)
-                second = await read_all(fs, ino, attr.size)
-                gets = [k for k in store.gets[before:] if k.startswith("objects/")]
-                # Still unwritten: the second read was served from the write-back queue.
-                assert not os.path.exists(cache.path(hash_bytes(first)))
-                source.write_limiter.release()
-                return first, second, gets
-        finally:
-            cache.close()
+    async def body(fs, source):
+        root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+        ino, attr = await resolve(fs, root.ino, b"run.sh")
+        source.write_limiter.total_tokens = 1
+        await source.write_limiter.acquire()  # hold the cache writes back
+        before = len(store.gets)
+        first = await read_all(fs, ino, attr.size)
+        second = await read_all(fs, ino, attr.size)
+        gets = [k for k in store.gets[before:] if k.startswith("objects/")]
+        # Still unwritten: the second read was served from the write-back queue.
+        assert not os.path.exists(source.cache.path(hash_bytes(first)))
+        source.write_limiter.release()
+        return first, second, gets
 
-    first, second, gets = trio.run(main)
+    first, second, gets = run_fs(
+        repo,
+        tmp / "cache",
+        body,
+        source_kwargs={"memory_bytes": 0},
+        fs_kwargs={"sibling_files": 0, "tree_prefetch": 0},
+    )
     assert first == second == (src / "run.sh").read_bytes()
     assert len(gets) == 1, gets
 
@@ -538,86 +541,76 @@ def _down_store_snapshot(tmp_path: Path) -> tuple[Path, DownStore, Repo, str, li
 def test_store_outage_is_remembered_then_probed(tmp_path: Path):
     src, store, repo, snapshot_id, names = _down_store_snapshot(tmp_path)
 
-    async def read_name(fs, dir_ino: int, name: str) -> bytes:
-        attr = await fs.lookup(dir_ino, name.encode())
-        return await read_all(fs, attr.ino, attr.size)
-
     async def timed_failure(fs, dir_ino: int, name: str) -> tuple[float, str]:
         started = time.monotonic()
         with pytest.raises(StoreUnavailableError) as caught:
             await read_name(fs, dir_ino, name)
         return time.monotonic() - started, str(caught.value)
 
-    async def main():
-        cache = DiskCache(str(tmp_path / "cache"))
-        try:
-            async with ObjectSource(repo, cache, outage_holdoff=0.5) as source:
-                fs = SnapshotFS(source, sibling_files=0, tree_prefetch=0)
-                root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
-                d = await fs.lookup(root.ino, b"d")
-                assert await read_name(fs, d.ino, names[0]) == (src / "d" / names[0]).read_bytes()
-                store.down, store.down_delay = True, 0.2
+    async def body(fs, source):
+        root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+        d = await fs.lookup(root.ino, b"d")
+        assert await read_name(fs, d.ino, names[0]) == (src / "d" / names[0]).read_bytes()
+        store.down, store.down_delay = True, 0.2
 
-                # Each of the first three failures pays the store's full cost...
-                for name in names[1:4]:
-                    seconds, _ = await timed_failure(fs, d.ino, name)
-                    assert seconds >= 0.2
-                assert source.store_unavailable_for > 0
-                # ...then misses fail at once, without asking the store, and say why.
-                gets = len(store.gets)
-                seconds, message = await timed_failure(fs, d.ino, names[4])
-                assert seconds < 0.1 and len(store.gets) == gets
-                assert "unavailable for" in message and "connection timed out" in message, message
-                assert source.counters.fast_failures == 1
-                # Cached objects are served as ever.
-                assert await read_name(fs, d.ino, names[0]) == (src / "d" / names[0]).read_bytes()
+        # Each of the first three failures pays the store's full cost...
+        for name in names[1:4]:
+            seconds, _ = await timed_failure(fs, d.ino, name)
+            assert seconds >= 0.2
+        assert source.store_unavailable_for > 0
+        # ...then misses fail at once, without asking the store, and say why.
+        gets = len(store.gets)
+        seconds, message = await timed_failure(fs, d.ino, names[4])
+        assert seconds < 0.1 and len(store.gets) == gets
+        assert "unavailable for" in message and "connection timed out" in message, message
+        assert source.counters.fast_failures == 1
+        # Cached objects are served as ever.
+        assert await read_name(fs, d.ino, names[0]) == (src / "d" / names[0]).read_bytes()
 
-                # After the hold-off one miss probes; it fails, and the hold-off doubles.
-                await trio.sleep(0.55)
-                seconds, _ = await timed_failure(fs, d.ino, names[5])
-                assert seconds >= 0.2 and len(store.gets) == gets + 1
-                await trio.sleep(0.55)  # still inside the doubled hold-off (1 s)
-                seconds, _ = await timed_failure(fs, d.ino, names[6])
-                assert seconds < 0.1 and len(store.gets) == gets + 1
+        # After the hold-off one miss probes; it fails, and the hold-off doubles.
+        await trio.sleep(0.55)
+        seconds, _ = await timed_failure(fs, d.ino, names[5])
+        assert seconds >= 0.2 and len(store.gets) == gets + 1
+        await trio.sleep(0.55)  # still inside the doubled hold-off (1 s)
+        seconds, _ = await timed_failure(fs, d.ino, names[6])
+        assert seconds < 0.1 and len(store.gets) == gets + 1
 
-                # The store comes back: the next probe reads, and the outage is over.
-                store.down = False
-                await trio.sleep(0.5)
-                assert await read_name(fs, d.ino, names[6]) == (src / "d" / names[6]).read_bytes()
-                assert source.store_unavailable_for == 0
-                for name in names[7:]:
-                    assert await read_name(fs, d.ino, name) == (src / "d" / name).read_bytes()
-                assert source.counters.fast_failures == 2
-        finally:
-            cache.close()
+        # The store comes back: the next probe reads, and the outage is over.
+        store.down = False
+        await trio.sleep(0.5)
+        assert await read_name(fs, d.ino, names[6]) == (src / "d" / names[6]).read_bytes()
+        assert source.store_unavailable_for == 0
+        for name in names[7:]:
+            assert await read_name(fs, d.ino, name) == (src / "d" / name).read_bytes()
+        assert source.counters.fast_failures == 2
 
-    trio.run(main)
+    run_fs(
+        repo,
+        tmp_path / "cache",
+        body,
+        source_kwargs={"outage_holdoff": 0.5},
+        fs_kwargs={"sibling_files": 0, "tree_prefetch": 0},
+    )
 
 
 def test_a_flaky_store_is_not_an_outage(tmp_path: Path):
     """Failures with answers between them never make other misses fail at once."""
     src, store, repo, snapshot_id, names = _down_store_snapshot(tmp_path)
 
-    async def main():
-        cache = DiskCache(str(tmp_path / "cache"))
-        try:
-            async with ObjectSource(repo, cache) as source:
-                fs = SnapshotFS(source, sibling_files=0)
-                root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
-                d = await fs.lookup(root.ino, b"d")
-                for i, name in enumerate(names):
-                    store.down = i % 3 == 2  # two answers, one failure, ...
-                    attr = await fs.lookup(d.ino, name.encode())
-                    if store.down:
-                        with pytest.raises(StoreUnavailableError):
-                            await read_all(fs, attr.ino, attr.size)
-                    else:
-                        assert await read_all(fs, attr.ino, attr.size) == (src / "d" / name).read_bytes()
-                assert source.counters.fast_failures == 0 and source.store_unavailable_for == 0
-        finally:
-            cache.close()
+    async def body(fs, source):
+        root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+        d = await fs.lookup(root.ino, b"d")
+        for i, name in enumerate(names):
+            store.down = i % 3 == 2  # two answers, one failure, ...
+            attr = await fs.lookup(d.ino, name.encode())
+            if store.down:
+                with pytest.raises(StoreUnavailableError):
+                    await read_all(fs, attr.ino, attr.size)
+            else:
+                assert await read_all(fs, attr.ino, attr.size) == (src / "d" / name).read_bytes()
+        assert source.counters.fast_failures == 0 and source.store_unavailable_for == 0
 
-    trio.run(main)
+    run_fs(repo, tmp_path / "cache", body, fs_kwargs={"sibling_files": 0})
 
 
 def test_a_walk_meets_prefetched_trees(tmp_path: Path):
@@ -636,38 +629,36 @@ def test_a_walk_meets_prefetched_trees(tmp_path: Path):
     def object_gets() -> int:
         return sum(1 for key in store.gets if key.startswith("objects/"))
 
-    async def walk(tree_prefetch: int, cache_dir: Path) -> tuple[list[int], int, list[str]]:
-        cache = DiskCache(str(cache_dir))
+    def walk(tree_prefetch: int, cache_dir: Path) -> tuple[list[int], int, list[str]]:
         start = object_gets()
-        try:
-            async with ObjectSource(repo, cache) as source:
-                fs = SnapshotFS(source, sibling_files=0, tree_prefetch=tree_prefetch)
-                waited: list[int] = []  # per directory: tree GETs made while visiting it
-                seen: list[str] = []
-                root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
-                stack = [(root.ino, "")]
-                while stack:
-                    ino, path = stack.pop()
-                    await _settle(source)
-                    before = object_gets()
-                    rows = await fs.readdir(ino, 0)
-                    waited.append(object_gets() - before)
-                    seen.append(path)
-                    for name, attr, _next in reversed(rows):
-                        if stat.S_ISDIR(attr.mode):
-                            stack.append((attr.ino, f"{path}/{name.decode()}"))
+
+        async def body(fs, source):
+            waited: list[int] = []  # per directory: tree GETs made while visiting it
+            seen: list[str] = []
+            root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+            stack = [(root.ino, "")]
+            while stack:
+                ino, path = stack.pop()
                 await _settle(source)
-                return waited, object_gets() - start, seen
-        finally:
-            cache.close()
+                before = object_gets()
+                rows = await fs.readdir(ino, 0)
+                waited.append(object_gets() - before)
+                seen.append(path)
+                for name, attr, _next in reversed(rows):
+                    if stat.S_ISDIR(attr.mode):
+                        stack.append((attr.ino, f"{path}/{name.decode()}"))
+            await _settle(source)
+            return waited, object_gets() - start, seen
+
+        return run_fs(repo, cache_dir, body, fs_kwargs={"sibling_files": 0, "tree_prefetch": tree_prefetch})
 
     dirs = 1 + 3 + 3 * 30
-    waited, gets, seen = trio.run(walk, 16, tmp_path / "cache-on")
+    waited, gets, seen = walk(16, tmp_path / "cache-on")
     assert len(seen) == dirs and seen[1] == "/t0" and seen[2] == "/t0/s00"
     # Every tree is fetched once (the root's by the lookup), and no directory
     # visit waits for one: each was prefetched by its parent or a sibling.
     assert gets == dirs, gets
     assert waited == [0] * dirs, waited
-    waited_off, gets_off, seen_off = trio.run(walk, 0, tmp_path / "cache-off")
+    waited_off, gets_off, seen_off = walk(0, tmp_path / "cache-off")
     assert seen_off == seen and gets_off == dirs
     assert waited_off == [0] + [1] * (dirs - 1)

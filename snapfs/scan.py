@@ -33,6 +33,12 @@ _SMALL_READ = 1 << 20
 # Files are hashed in batches of up to this many bytes or files (a large file is a batch of one).
 _BATCH_BYTES = 4 << 20
 _BATCH_FILES = 64
+# A batch smaller than this is hashed by the walk itself. Handing it to a worker
+# costs more than it saves: each of its open/read/close calls drops and retakes
+# the GIL the walk is holding, and with tiny files that contention is all there
+# is. Measured on 100,000 files of ~10 bytes: 3.8 s with one thread, 4.5 s with
+# two, 6.9 s with four (sys time 2.1, 3.3, 6.2 s).
+_INLINE_BATCH_BYTES = 1 << 20
 
 
 @dataclass
@@ -94,6 +100,17 @@ def _hash_batch(paths: list[bytes]) -> list[tuple[int, list[ChunkRef], bool]]:
     return [hash_file(p) for p in paths]
 
 
+def _hash_batch_now(paths: list[bytes]) -> Future:
+    """_hash_batch run in this thread, as a finished Future: its error, if any,
+    comes out where a pooled batch's would, when the directory is encoded."""
+    future: Future = Future()
+    try:
+        future.set_result(_hash_batch(paths))
+    except BaseException as exc:
+        future.set_exception(exc)
+    return future
+
+
 @dataclass(eq=False)
 class _Dir:
     """One directory of the walk: listed, its files submitted, waiting to be encoded."""
@@ -145,7 +162,11 @@ def scan(
         def flush() -> None:
             nonlocal batch_names, batch_paths, batch_bytes, submitted
             if batch_paths:
-                frame.batches.append((batch_names, pool.submit(_hash_batch, batch_paths)))
+                if batch_bytes < _INLINE_BATCH_BYTES:
+                    future = _hash_batch_now(batch_paths)
+                else:
+                    future = pool.submit(_hash_batch, batch_paths)
+                frame.batches.append((batch_names, future))
                 submitted += 1
                 batch_names, batch_paths, batch_bytes = [], [], 0
 

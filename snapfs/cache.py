@@ -27,8 +27,10 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
 
 import trio
 
@@ -43,6 +45,8 @@ from .errors import (
 from .hashing import hash_bytes
 from .index import CacheIndex
 from .repo import Repo
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -514,7 +518,9 @@ class ObjectSource:
                 flight.fetched = True
                 started = time.monotonic()
                 async with self.fetch_limiter:
-                    data = await self._fetch(object_id, what, expected_size)
+                    data = await self._fetch(
+                        object_id, what, partial(self.repo.get_object, object_id, what, expected_size)
+                    )
                 elapsed = time.monotonic() - started
                 self.counters.fetched_bytes += len(data)
                 self.counters.fetched_objects += 1
@@ -555,10 +561,18 @@ class ObjectSource:
         """Seconds since the store was found unavailable, 0.0 while it answers."""
         return 0.0 if self._outage is None else time.monotonic() - self._outage.since
 
-    async def _fetch(self, object_id: str, what: str, expected_size: int | None) -> bytes:
-        """One store fetch, or an immediate StoreUnavailableError while the store is
-        known to be down (see OUTAGE_HOLDOFF). Called holding a fetch slot, so the
-        outage is checked after any wait for one.
+    async def _fetch(
+        self,
+        object_id: str,
+        what: str,
+        fetch: Callable[[], T],
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> T:
+        """``fetch()`` (a blocking store fetch) in a worker thread, or an immediate
+        StoreUnavailableError while the store is known to be down (see
+        OUTAGE_HOLDOFF). Called holding a fetch slot, so the outage is checked
+        after any wait for one. The snapdir source's whole-object fetches come
+        through here too, so every read of the mount shares one failure memory.
 
         Without this memory a store that hangs costs every read its whole retry
         budget (attempts x read timeout), each kernel request of it again, and
@@ -580,7 +594,7 @@ class ObjectSource:
                 )
             outage.probing = probe = True
         try:
-            data = await trio.to_thread.run_sync(self.repo.get_object, object_id, what, expected_size)
+            result = await trio.to_thread.run_sync(fetch, limiter=limiter)
         except StoreUnavailableError as exc:
             self._note_unavailable(exc, probe)
             raise
@@ -592,7 +606,7 @@ class ObjectSource:
                 outage.probing = False  # cancelled, or a bug: the next miss probes instead
             raise
         self._note_answered()
-        return data
+        return result
 
     def _note_unavailable(self, exc: StoreUnavailableError, probe: bool) -> None:
         now = time.monotonic()

@@ -31,6 +31,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from functools import partial
 
 import trio
 
@@ -66,19 +67,24 @@ def _map_file(path: str) -> mmap.mmap:
         os.close(fd)  # the map keeps its own reference to the file
 
 
-def fetch_into_cache(repo: SnapdirRepo, cache: DiskCache, object_id: str) -> tuple[mmap.mmap, bool]:
-    """A read-only map of the verified object in the disk cache; True if it had to be fetched.
+def map_cached(cache: DiskCache, object_id: str) -> mmap.mmap | None:
+    """A read-only map of the object's verified file in the disk cache, or None.
+    Blocking: call in a worker thread."""
+    try:
+        mapped = _map_file(cache.path(object_id))
+    except FileNotFoundError:
+        return None
+    cache.touch(object_id)
+    return mapped
+
+
+def fetch_into_cache(repo: SnapdirRepo, cache: DiskCache, object_id: str) -> mmap.mmap:
+    """Fetch the object into the disk cache; a read-only map of the verified file.
 
     Blocking: call in a worker thread. Same crash rules as DiskCache.insert:
     temp file, fetched and verified, fsynced, renamed, then indexed.
     """
     path = cache.path(object_id)
-    try:
-        mapped = _map_file(path)
-        cache.touch(object_id)
-        return mapped, False
-    except FileNotFoundError:
-        pass
     # The object's own size, not the manifest's: the caller compares the two.
     try:
         size = repo.store.stat(sd.object_key(object_id)).size
@@ -109,7 +115,7 @@ def fetch_into_cache(repo: SnapdirRepo, cache: DiskCache, object_id: str) -> tup
     os.rename(tmp, path)
     mapped = _map_file(path)
     cache.index_new_file(object_id, size)  # if refused, the map alone serves it
-    return mapped, True
+    return mapped
 
 
 class SnapdirObjectSource(ObjectSource):
@@ -167,19 +173,27 @@ class SnapdirObjectSource(ObjectSource):
 
     async def _fly_big(self, object_id: str, flight: _BigFlight) -> None:
         try:
-            started = time.monotonic()
-            mapped, fetched = await trio.to_thread.run_sync(
-                fetch_into_cache, self.snapdir_repo, self.cache, object_id, limiter=self.big_limiter
+            mapped = await trio.to_thread.run_sync(
+                map_cached, self.cache, object_id, limiter=self.disk_limiter
             )
-            size = len(mapped)
-            if fetched:
+            if mapped is not None:
+                self.counters.disk_hits += 1
+            else:
                 self.counters.misses += 1
+                started = time.monotonic()
+                # Through the failure memory: while the store is known to be down
+                # this fails at once instead of paying every ranged GET's retries.
+                mapped = await self._fetch(
+                    object_id,
+                    "snapdir object",
+                    partial(fetch_into_cache, self.snapdir_repo, self.cache, object_id),
+                    limiter=self.big_limiter,
+                )
+                size = len(mapped)
                 self.counters.fetched_bytes += size
                 self.counters.fetched_objects += 1
                 if self.on_fetch:
                     self.on_fetch(time.monotonic() - started, size)
-            else:
-                self.counters.disk_hits += 1
             self._maps[object_id] = mapped
             while len(self._maps) > _MAPPED_OBJECTS:
                 self._maps.popitem(last=False)  # not closed: see the module docstring

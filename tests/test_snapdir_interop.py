@@ -325,3 +325,75 @@ def test_vfs_never_serves_an_object_at_a_size_the_manifest_lies_about(tmp_path: 
             cache.close()
 
     trio.run(main)
+
+
+def test_mount_remembers_an_outage_for_whole_snapdir_objects(tmp_path: Path) -> None:
+    """Big snapdir objects take their own fetch path (ranged GETs into the disk
+    cache); a down store must still be remembered there, as for chunks."""
+    import time
+
+    import trio
+    from test_vfs import DownStore
+
+    from snapfs.cache import DiskCache
+    from snapfs.errors import StoreUnavailableError
+    from snapfs.snapdir_repo import SnapdirRepo
+    from snapfs.snapdir_source import SnapdirObjectSource
+    from snapfs.vfs import ROOT_INODE, SnapshotFS
+
+    class DownSnapdirStore(DownStore):
+        def stat(self, key: str):
+            if self.down:
+                self.gets.append(key)
+                time.sleep(self.down_delay)
+                raise StoreUnavailableError(f"{key}: cannot read from {self.url}: connection timed out")
+            return super().stat(key)
+
+    # Above the 4 MiB whole-object threshold: the memory-mapped path.
+    contents = {f"big{i}": os.urandom((4 << 20) + 4096 * (i + 1)) for i in range(6)}
+    snapdir_id = _write_snapdir_store(tmp_path / "store", {n: (c, len(c)) for n, c in contents.items()})
+    store = DownSnapdirStore(str(tmp_path / "store"))
+    repo = SnapdirRepo(store)
+
+    async def main() -> None:
+        cache = DiskCache(str(tmp_path / "cache"), fsync=False)
+        try:
+            async with SnapdirObjectSource(repo, cache, outage_holdoff=0.5) as source:
+                fs = SnapshotFS(source, tree_loader=source.load_tree)
+                root = (await fs.lookup(ROOT_INODE, snapdir_id.encode())).ino
+
+                async def read(name: str) -> bytes:
+                    attr = await fs.lookup(root, name.encode())
+                    fh = await fs.open(attr.ino, os.O_RDONLY)
+                    try:
+                        return await fs.read(fh, 0, attr.size)
+                    finally:
+                        fs.release(fh)
+
+                async def timed_failure(name: str) -> tuple[float, str]:
+                    started = time.monotonic()
+                    with pytest.raises(StoreUnavailableError) as caught:
+                        await read(name)
+                    return time.monotonic() - started, str(caught.value)
+
+                assert await read("big0") == contents["big0"]
+                store.down, store.down_delay = True, 0.2
+                for name in ("big1", "big2", "big3"):
+                    seconds, _ = await timed_failure(name)
+                    assert seconds >= 0.2
+                asked = len(store.gets)
+                seconds, message = await timed_failure("big4")
+                assert seconds < 0.1 and len(store.gets) == asked, (seconds, len(store.gets) - asked)
+                assert "unavailable for" in message and "connection timed out" in message, message
+                assert source.counters.fast_failures == 1
+                assert await read("big0") == contents["big0"]  # verified and cached: served as ever
+
+                store.down = False
+                await trio.sleep(0.6)  # past the hold-off: the next miss probes, and reads
+                assert await read("big5") == contents["big5"]
+                assert source.store_unavailable_for == 0
+                assert await read("big4") == contents["big4"]
+        finally:
+            cache.close()
+
+    trio.run(main)

@@ -277,6 +277,10 @@ def _sha(path: bytes) -> bytes:
 # --- resumable ----------------------------------------------------------------------
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.s3
 def test_interrupted_prewarm_fetches_only_what_is_missing(
     sample: Path, tmp_path: Path, s3_store_url: str, proxy: FaultProxy
@@ -294,7 +298,15 @@ def test_interrupted_prewarm_fetches_only_what_is_missing(
     # unslowed and all in a few tens of ms.
     proxy.inject("trickle", method="GET", key="objects/", piece=64 << 10, delay=0.02)
     assert sum(1 for size in expected.values() if size > 64 << 10) >= 2
-    first = subprocess.Popen([*SNAPFS, "prewarm", *args, "--jobs", "1"], stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [*SNAPFS, "prewarm", *args, "--jobs", "1"],
+        stderr=subprocess.PIPE,
+        text=True,
+        # As a prewarm in a terminal gets Ctrl-C: a test run started in the
+        # background (nohup, `&` in a script) has SIGINT ignored, and children
+        # inherit that, so this SIGINT would never arrive.
+        preexec_fn=_default_sigint,
+    )
     try:
         deadline = time.monotonic() + 60
         while not cached_ids(cache) and time.monotonic() < deadline:

@@ -6,7 +6,8 @@ numbers, walk order or the machine. Hard links become separate files; FIFOs,
 sockets and devices are skipped and reported. Symlinks are stored, not followed.
 
 Files are chunked and hashed in a thread pool (pyfastcdc and blake3 both
-release the GIL), small files in batches. The walk lists directories ahead of
+release the GIL), small files in batches; a batch under 1 MiB is hashed by the
+walk itself, where a worker would only contend with it for the GIL. The walk lists directories ahead of
 the hashing and encodes each directory once its files and children are done.
 """
 
@@ -106,7 +107,7 @@ def _hash_batch_now(paths: list[bytes]) -> Future:
     future: Future = Future()
     try:
         future.set_result(_hash_batch(paths))
-    except BaseException as exc:
+    except Exception as exc:  # not KeyboardInterrupt: Ctrl-C stops the walk at once
         future.set_exception(exc)
     return future
 

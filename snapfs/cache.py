@@ -561,16 +561,11 @@ class ObjectSource:
         """Seconds since the store was found unavailable, 0.0 while it answers."""
         return 0.0 if self._outage is None else time.monotonic() - self._outage.since
 
-    async def _fetch(
-        self,
-        object_id: str,
-        what: str,
-        fetch: Callable[[], T],
-        limiter: trio.CapacityLimiter | None = None,
-    ) -> T:
+    async def _fetch(self, object_id: str, what: str, fetch: Callable[[], T]) -> T:
         """``fetch()`` (a blocking store fetch) in a worker thread, or an immediate
         StoreUnavailableError while the store is known to be down (see
-        OUTAGE_HOLDOFF). Called holding a fetch slot, so the outage is checked
+        OUTAGE_HOLDOFF). Callers hold their fetch slot (``fetch_limiter``, or the
+        snapdir source's ``big_limiter``) around it, so the outage is checked
         after any wait for one. The snapdir source's whole-object fetches come
         through here too, so every read of the mount shares one failure memory.
 
@@ -594,7 +589,7 @@ class ObjectSource:
                 )
             outage.probing = probe = True
         try:
-            result = await trio.to_thread.run_sync(fetch, limiter=limiter)
+            result = await trio.to_thread.run_sync(fetch)
         except StoreUnavailableError as exc:
             self._note_unavailable(exc, probe)
             raise

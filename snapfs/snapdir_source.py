@@ -183,12 +183,14 @@ class SnapdirObjectSource(ObjectSource):
                 started = time.monotonic()
                 # Through the failure memory: while the store is known to be down
                 # this fails at once instead of paying every ranged GET's retries.
-                mapped = await self._fetch(
-                    object_id,
-                    "snapdir object",
-                    partial(fetch_into_cache, self.snapdir_repo, self.cache, object_id),
-                    limiter=self.big_limiter,
-                )
+                # The slot is taken first, as _fly does, so a fetch that waited
+                # behind hung ones sees an outage found meanwhile.
+                async with self.big_limiter:
+                    mapped = await self._fetch(
+                        object_id,
+                        "snapdir object",
+                        partial(fetch_into_cache, self.snapdir_repo, self.cache, object_id),
+                    )
                 size = len(mapped)
                 self.counters.fetched_bytes += size
                 self.counters.fetched_objects += 1

@@ -294,8 +294,6 @@ def test_interrupted_prewarm_fetches_only_what_is_missing(
     # Prewarm fetches the largest objects first, and the trickle slows only
     # objects over one 64 KiB piece (the few large chunks, ~0.2-0.4 s each):
     # interrupt as soon as the first is cached, while the next is in flight.
-    # Waiting for a third of all objects raced the small ones, which arrive
-    # unslowed and all in a few tens of ms.
     proxy.inject("trickle", method="GET", key="objects/", piece=64 << 10, delay=0.02)
     assert sum(1 for size in expected.values() if size > 64 << 10) >= 2
     first = subprocess.Popen(

@@ -7,8 +7,9 @@ sockets and devices are skipped and reported. Symlinks are stored, not followed.
 
 Files are chunked and hashed in a thread pool (pyfastcdc and blake3 both
 release the GIL), small files in batches; a batch under 1 MiB is hashed by the
-walk itself, where a worker would only contend with it for the GIL. The walk lists directories ahead of
-the hashing and encodes each directory once its files and children are done.
+walk itself, where a worker would only contend with it for the GIL. The walk
+lists directories ahead of the hashing and encodes each directory once its
+files and children are done.
 """
 
 from __future__ import annotations

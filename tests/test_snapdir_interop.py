@@ -333,7 +333,7 @@ def test_mount_remembers_an_outage_for_whole_snapdir_objects(tmp_path: Path) -> 
     import time
 
     import trio
-    from test_vfs import DownStore
+    from test_vfs import DownStore, read_name
 
     from snapfs.cache import DiskCache
     from snapfs.errors import StoreUnavailableError
@@ -363,12 +363,7 @@ def test_mount_remembers_an_outage_for_whole_snapdir_objects(tmp_path: Path) -> 
                 root = (await fs.lookup(ROOT_INODE, snapdir_id.encode())).ino
 
                 async def read(name: str) -> bytes:
-                    attr = await fs.lookup(root, name.encode())
-                    fh = await fs.open(attr.ino, os.O_RDONLY)
-                    try:
-                        return await fs.read(fh, 0, attr.size)
-                    finally:
-                        fs.release(fh)
+                    return await read_name(fs, root, name)
 
                 async def timed_failure(name: str) -> tuple[float, str]:
                     started = time.monotonic()

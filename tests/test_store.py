@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -492,6 +493,25 @@ def test_s3_endpoint_userinfo_never_reaches_messages(s3_store_url: str) -> None:
     with pytest.raises(UsageError) as bad:
         open_store(s3_store_url, endpoint_url="http://someone:endpoint-password@:::bad")
     assert "endpoint-password" not in str(bad.value)
+
+
+@pytest.mark.s3
+def test_s3_fast_path_steps_aside_for_a_proxy(s3_store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """botocore sends through HTTP_PROXY; the fast path, which cannot, must not
+    go around it, and comes back where NO_PROXY exempts the endpoint."""
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    proxied = open_store(s3_store_url)
+    exempt_host = urlsplit(proxied.endpoint_url).hostname  # type: ignore[attr-defined]
+    assert proxied._fast is None  # type: ignore[attr-defined]
+    proxied.close()
+    monkeypatch.setenv("NO_PROXY", exempt_host)
+    direct = open_store(s3_store_url)
+    assert direct._fast is not None  # type: ignore[attr-defined]
+    direct.put("objects/p", b"direct")
+    assert direct.get("objects/p") == b"direct"
+    direct.close()
 
 
 @pytest.mark.s3

@@ -40,6 +40,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote, urlsplit
+from urllib.request import getproxies, proxy_bypass
 
 import boto3
 import botocore.config
@@ -47,10 +48,10 @@ import botocore.exceptions
 import botocore.httpsession
 import botocore.loaders
 import botocore.session
-import urllib3
 
 from ..errors import NotFoundError, StoreUnavailableError, UsageError
 from .base import ObjectInfo, Store
+from .http import HTTPPool, Response
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,6 @@ def _http_status(exc: botocore.exceptions.ClientError) -> int:
 
 
 _RETRYABLE_STATUS = {429, 500, 502, 503, 504}
-_URLLIB3_ERRORS = (urllib3.exceptions.HTTPError, OSError)
 
 
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -236,18 +236,20 @@ class _SigV4:
 
 
 class _FastRequests:
-    """GET and PUT signed by _SigV4 over a pooled urllib3 connection.
+    """GET and PUT signed by _SigV4 over snapfs.store.http's keep-alive pool.
 
     Measured here against SeaweedFS on 50 KB objects: boto3's get_object costs
-    3.2-3.6 ms of client CPU per request, this path about 1 ms, and small-file
-    reads through the mount are bound by exactly that cost; put_object costs
-    about 3 ms per object, which bounded pushes of many small files. What makes
-    S3 portable still comes from botocore: the URL layout (addressing style,
+    3.2-3.6 ms of client CPU per request, this path about 0.5 ms over urllib3
+    and 0.1-0.2 ms over HTTPPool (whose docstring has the figures, including
+    what a slow client costs the server). Small-file reads through the mount
+    and pushes of many small files are bound by that cost. What makes S3
+    portable still comes from botocore: the URL layout (addressing style,
     region, custom endpoint) is taken once from a presigned URL that botocore
     builds, and the credentials are the session's (refreshed as they expire:
     instance roles, STS). Signing is _SigV4, checked against botocore's
-    S3SigV4Auth in the tests; the transport is urllib3.
-    Set SNAPFS_S3_FAST_GET=0 to use boto3's get_object and put_object.
+    S3SigV4Auth in the tests.
+    Set SNAPFS_S3_FAST_GET=0 to use boto3's get_object and put_object; they
+    are also used when an HTTP proxy is configured for the endpoint.
     """
 
     def __init__(
@@ -260,6 +262,9 @@ class _FastRequests:
         parts = urlsplit(probe)
         if not parts.path.endswith("/" + probe_key):
             raise ValueError(f"unexpected presigned URL layout: {parts.path}")
+        if parts.scheme in getproxies() and not proxy_bypass(parts.hostname or ""):
+            # botocore sends through the proxy (HTTP(S)_PROXY); so must every request.
+            raise ValueError(f"a proxy is configured for {parts.scheme}")
         self.base = f"{parts.scheme}://{parts.netloc}{parts.path[: -len(probe_key)]}"
         self.base_path = parts.path[: -len(probe_key)]
         self.region = client.meta.region_name or "us-east-1"
@@ -267,24 +272,22 @@ class _FastRequests:
         self.credentials = credentials  # botocore Credentials: refreshable ones refresh themselves
         if self.credentials is None:
             raise botocore.exceptions.NoCredentialsError()
-        self.pool = urllib3.PoolManager(
-            maxsize=_MAX_POOL_CONNECTIONS,
-            block=False,
-            retries=False,
-            timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
-            ca_certs=os.environ.get("AWS_CA_BUNDLE") or botocore.httpsession.DEFAULT_CA_BUNDLE,
+        self.pool = HTTPPool(
+            self.base,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_idle=_MAX_POOL_CONNECTIONS,
+            ca_file=os.environ.get("AWS_CA_BUNDLE") or botocore.httpsession.DEFAULT_CA_BUNDLE,
         )
 
     def request(
         self, method: str, object_key: str, headers: dict[str, str] | None = None, body: bytes | None = None
-    ) -> urllib3.BaseHTTPResponse:
-        quoted = quote(object_key, safe="/~")
+    ) -> Response:
+        path = self.base_path + quote(object_key, safe="/~")
         if body is not None and not isinstance(body, bytes):
-            body = bytes(body)  # urllib3 sends bytes whole; a memoryview it would iterate
-        signed = self.signer.sign(
-            method, self.base_path + quoted, headers, body, self.credentials.get_frozen_credentials()
-        )
-        return self.pool.request(method, self.base + quoted, headers=signed, body=body, preload_content=True)
+            body = bytes(body)  # signed and sent whole
+        signed = self.signer.sign(method, path, headers, body, self.credentials.get_frozen_credentials())
+        return self.pool.request(method, path, signed, body)
 
 
 class S3Store(Store):
@@ -474,7 +477,7 @@ class S3Store(Store):
         object_key: str,
         headers: dict[str, str] | None = None,
         body: bytes | None = None,
-    ) -> urllib3.BaseHTTPResponse:
+    ) -> Response:
         """One request over _FastRequests, retried like botocore's standard mode
         (connection errors, 429 and 5xx), with its errors mapped to one line.
         Returns the first response that is not worth retrying; the caller reads
@@ -484,9 +487,9 @@ class S3Store(Store):
         for attempt in range(1, self._max_attempts + 1):
             try:
                 response = self._fast.request(method, object_key, headers, body)  # type: ignore[union-attr]
-            except _URLLIB3_ERRORS as exc:
+            except OSError as exc:
                 # Refused, reset, timed out, or a body shorter than its
-                # Content-Length (urllib3 enforces it): all worth a new request.
+                # Content-Length (HTTPPool checks it): all worth a new request.
                 detail = type(exc).__name__
             else:
                 status = response.status
@@ -519,7 +522,7 @@ class S3Store(Store):
             f"{key}: cannot {action} {self._where()} after {self._max_attempts} attempts: {detail}"
         )
 
-    def _no_bucket(self, key: str, response: urllib3.BaseHTTPResponse) -> StoreUnavailableError | None:
+    def _no_bucket(self, key: str, response: Response) -> StoreUnavailableError | None:
         if _xml_code(response.data) == "NoSuchBucket":
             return StoreUnavailableError(
                 f"{key}: bucket {self.bucket!r} does not exist at {self.endpoint_url}"
@@ -643,5 +646,5 @@ class S3Store(Store):
 
     def close(self) -> None:
         if self._fast is not None:
-            self._fast.pool.clear()
+            self._fast.pool.close()
         self._client.close()

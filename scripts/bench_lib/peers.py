@@ -40,7 +40,7 @@ def _first_ls(root: Path, started: float) -> float:
 
 
 def native(ctx: Ctx) -> None:
-    measure_tree(ctx.results, "native", ctx.ds.root, ctx.ds, ctx.cfg)
+    measure_tree(ctx.results, "native", ctx.ds.root, ctx.ds, ctx.cfg, cacheless=True)
 
 
 def fuse_limit(ctx: Ctx) -> None:
@@ -53,7 +53,7 @@ def fuse_limit(ctx: Ctx) -> None:
     )
     try:
         ctx.results.add("fuse-limit", "mount_ls_s", _first_ls(mnt, started), "s")
-        measure_tree(ctx.results, "fuse-limit", mnt, ctx.ds, ctx.cfg, pids=lambda: [proc.pid])
+        measure_tree(ctx.results, "fuse-limit", mnt, ctx.ds, ctx.cfg, pids=lambda: [proc.pid], cacheless=True)
     finally:
         stop_daemon(proc, mnt)
 

@@ -237,6 +237,38 @@ def test_malformed_responses_raise_and_drop_the_connection(serve, raw: bytes, ma
     assert pool.connections_made == 2
 
 
+def test_a_length_announced_but_never_sent_is_an_error_not_an_allocation(serve) -> None:
+    server = serve(
+        [reply_then_close(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000000\r\n\r\n" + b"x" * 100)]
+    )
+    pool = pool_for(server)
+    with pytest.raises(HTTPProtocolError, match="ended after 100 of 1000000000000 bytes"):
+        pool.request("GET", "/bucket/liar")
+
+
+def test_a_body_larger_than_one_piece_arrives_whole(serve) -> None:
+    body = bytes(range(256)) * (80 * 1024 + 3)  # about 20 MiB: more than one 16 MiB piece
+    server = serve([reply(ok(body))])
+    assert pool_for(server).request("GET", "/bucket/big").data == body
+
+
+@pytest.mark.parametrize(
+    ("target", "headers"),
+    [
+        ("/bucket/a\r\nX-Evil: 1", None),
+        ("/bucket/a", {"Range": "bytes=0-1\r\nX-Evil: 1"}),
+        ("/bucket/a", {"X\nY": "z"}),
+    ],
+    ids=["target", "value", "name"],
+)
+def test_line_breaks_in_the_request_head_are_refused_before_sending(serve, target, headers) -> None:
+    server = serve([reply(ok(b"never"))])
+    pool = pool_for(server)
+    with pytest.raises(ValueError, match="line break"):
+        pool.request("GET", target, headers)
+    assert pool.connections_made == 0 and server.requests == []
+
+
 def test_a_silent_server_times_out(serve) -> None:
     server = serve([lambda sock, request: threading.Event().wait(1) or False])
     pool = pool_for(server, read_timeout=0.3)

@@ -26,7 +26,10 @@ What it does, and all it does:
   come here);
 - every other failure raises an ``OSError`` (refused, reset, timed out, a
   body shorter than its Content-Length, a malformed response), and the
-  connection is dropped. Retrying is the caller's business.
+  connection is dropped. Retrying is the caller's business;
+- lines and headers are bounded, a body is read in pieces of at most 16 MiB
+  (a Content-Length that is never sent costs no allocation), and a request
+  line or header with a line break is refused before anything is sent.
 
 Timeouts are per socket operation, as in urllib3: ``connect_timeout`` for
 the TCP and TLS handshake, ``read_timeout`` for each send and receive.
@@ -42,6 +45,10 @@ from urllib.parse import urlsplit
 
 _MAX_LINE = 65536
 _MAX_HEADERS = 200
+# Bodies are read whole, but in pieces of at most this much: a server that
+# announces a Content-Length it never sends must not make us allocate it.
+_BODY_PIECE = 16 << 20
+_FORBIDDEN_IN_HEAD = ("\r", "\n", "\0")
 
 
 class HTTPProtocolError(OSError):
@@ -162,6 +169,11 @@ class HTTPPool:
         lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host_header}"]
         if headers:
             lines.extend(f"{name}: {value}" for name, value in headers.items())
+        for line in lines:
+            if any(c in line for c in _FORBIDDEN_IN_HEAD) or line.startswith(" "):
+                raise ValueError(
+                    f"refusing to send a request line or header with a line break: {line[:80]!r}"
+                )
         if body is not None or method in ("PUT", "POST"):
             lines.append(f"Content-Length: {len(body) if body is not None else 0}")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -226,10 +238,24 @@ class HTTPPool:
             raise HTTPProtocolError(f"bad Content-Length {length!r}") from None
         if size < 0:
             raise HTTPProtocolError(f"bad Content-Length {length!r}")
+        return Response(status, headers, _read_exact(file, size)), keep_alive
+
+
+def _read_exact(file, size: int) -> bytes:  # type: ignore[no-untyped-def]
+    if size <= _BODY_PIECE:
         data = file.read(size)
         if len(data) != size:
             raise HTTPProtocolError(f"the body ended after {len(data)} of {size} bytes")
-        return Response(status, headers, data), keep_alive
+        return data
+    pieces = []
+    got = 0
+    while got < size:
+        piece = file.read(min(_BODY_PIECE, size - got))
+        if not piece:
+            raise HTTPProtocolError(f"the body ended after {got} of {size} bytes")
+        pieces.append(piece)
+        got += len(piece)
+    return b"".join(pieces)
 
 
 def _status_line(line: bytes) -> tuple[str, int]:
@@ -273,7 +299,10 @@ def _read_chunked(file) -> bytes:  # type: ignore[no-untyped-def]
         if size == 0:
             _read_headers(file)  # trailers, up to the blank line
             return b"".join(pieces)
-        piece = file.read(size)
-        if len(piece) != size or file.readline(_MAX_LINE + 1) not in (b"\r\n", b"\n"):
+        try:
+            piece = _read_exact(file, size)
+        except HTTPProtocolError:
+            raise HTTPProtocolError("a chunked body ended early") from None
+        if file.readline(_MAX_LINE + 1) not in (b"\r\n", b"\n"):
             raise HTTPProtocolError("a chunked body ended early")
         pieces.append(piece)

@@ -33,6 +33,10 @@ _COUNTERS = {
         "snapfs_cache_write_failures",
         "Verified objects that could not be written to the cache",
     ),
+    "backlog_waits": (
+        "snapfs_backlog_waits",
+        "Misses that waited for the cache disk: the write backlog was full",
+    ),
 }
 _GAUGES = {
     "cache_bytes": ("snapfs_cache_bytes", "Bytes in the node cache"),
@@ -41,6 +45,10 @@ _GAUGES = {
     "cache_limit_bytes": ("snapfs_cache_limit_bytes", "The cache size limit"),
     "rss_bytes": ("snapfs_daemon_rss_bytes", "Resident memory of the daemon"),
     "snapshots_open": ("snapfs_snapshots_open", "Snapshots opened during this mount"),
+    "write_backlog_bytes": (
+        "snapfs_write_backlog_bytes",
+        "Fetched, verified bytes held in memory until their cache write",
+    ),
     "store_unavailable_seconds": (
         "snapfs_store_unavailable_seconds",
         "How long the store has been failing fetches as unavailable; 0 while it answers",

@@ -479,6 +479,69 @@ def test_object_waiting_for_its_cache_write_is_not_fetched_again(pushed):
     assert len(gets) == 1, gets
 
 
+def test_the_cache_write_backlog_is_bounded(tmp_path: Path):
+    """With the cache disk stalled, fetched bytes queue for writing only up to the
+    backlog bound: then prefetches stop and a reader's miss waits for the disk,
+    instead of the daemon holding every file it has read in memory."""
+    src = _small_files_dir(tmp_path, 40)
+    store = SlowStore(str(tmp_path / "store"), delay=0)
+    repo = Repo(store)
+    snapshot_id = push(str(src), repo).snapshot_id
+    names = sorted(p.name for p in (src / "d").iterdir() if p.is_file() and not p.is_symlink())
+    budget = 50_000  # about five of these files
+
+    async def body(fs, source):
+        source.write_backlog_bytes = budget
+        root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+        d = await fs.lookup(root.ino, b"d")
+        source.write_limiter.total_tokens = 1
+        await source.write_limiter.acquire()  # the cache disk stalls
+        served = []
+        peak = 0
+
+        async def reader():
+            nonlocal peak
+            for name in names:
+                served.append(await read_name(fs, d.ino, name) == (src / "d" / name).read_bytes())
+                peak = max(peak, source.write_backlog)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.sleep(0.5)
+            stalled = (len(served), source.write_backlog, source.counters.backlog_waits)
+            stalled_prefetches = source.counters.readahead_objects
+            source.write_limiter.release()  # the disk catches up: the reader goes on
+        await _settle(source)
+        while source.write_backlog:
+            await trio.sleep(0.01)
+        cached = 0
+        for name in names:
+            cached += all(os.path.exists(source.cache.path(c)) for c, _ in await chunks_of(fs, d, name))
+        return stalled, stalled_prefetches, served, peak, cached
+
+    async def chunks_of(fs, d, name):
+        entry = await fs.lookup(d.ino, name.encode())
+        fh = await fs.open(entry.ino, os.O_RDONLY)
+        try:
+            return fs.handle(fh).chunks
+        finally:
+            fs.release(fh)
+
+    (count, backlog, waits), prefetches, served, peak, cached = run_fs(
+        repo, tmp_path / "cache", body, fs_kwargs={"sibling_files": 8, "tree_prefetch": 0}
+    )
+    # Stalled: a few files read, the backlog at its bound (plus the one object that
+    # crossed it), a miss parked, and no more prefetches than the bound admitted.
+    assert 0 < count < len(names), count
+    assert budget <= backlog < budget + 11_000, backlog
+    assert waits >= 1
+    assert prefetches < 10, prefetches
+    # Then every file arrives whole and everything read is written to the cache.
+    assert served == [True] * len(names)
+    assert peak < budget + 11_000, peak
+    assert cached == len(names)
+
+
 def test_oversized_object_is_refused_after_reading_its_length_plus_one(pushed):
     """A store that answers a chunk's key with far more bytes than the tree
     promises costs the reader that length plus one byte, then an error."""

@@ -232,13 +232,9 @@ class HTTPPool:
         length = headers.get("content-length")
         if length is None:
             return Response(status, headers, file.read()), False  # framed by the close
-        try:
-            size = int(length)
-        except ValueError:
-            raise HTTPProtocolError(f"bad Content-Length {length!r}") from None
-        if size < 0:
+        if not (length.isascii() and length.isdigit()):  # int() would take "+1", " 1", "1_0"
             raise HTTPProtocolError(f"bad Content-Length {length!r}")
-        return Response(status, headers, _read_exact(file, size)), keep_alive
+        return Response(status, headers, _read_exact(file, int(length))), keep_alive
 
 
 def _read_exact(file, size: int) -> bytes:  # type: ignore[no-untyped-def]

@@ -531,9 +531,10 @@ class ObjectSource:
             else:
                 self.counters.misses += 1
                 flight.fetched = True
-                while self._backlog_full():
+                if self._backlog_full():
                     self.counters.backlog_waits += 1
-                    await self._backlog_room.park()
+                    while self._backlog_full():
+                        await self._backlog_room.park()
                 announced = expected_size or 0
                 self._fetching_bytes += announced
                 started = time.monotonic()
@@ -580,7 +581,7 @@ class ObjectSource:
             del self._flights[object_id]
             flight.done.set()
 
-    # --- failure memory ----------------------------------------------------
+    # --- write backlog (WRITE_BACKLOG_BYTES) --------------------------------
 
     def _backlog_full(self) -> bool:
         return self._unwritten_bytes + self._fetching_bytes >= self.write_backlog_bytes
@@ -589,6 +590,8 @@ class ObjectSource:
     def write_backlog(self) -> int:
         """Bytes fetched and verified, waiting for their cache write."""
         return self._unwritten_bytes
+
+    # --- failure memory ----------------------------------------------------
 
     @property
     def store_unavailable_for(self) -> float:

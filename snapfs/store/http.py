@@ -51,6 +51,22 @@ _BODY_PIECE = 16 << 20
 _FORBIDDEN_IN_HEAD = ("\r", "\n", "\0")
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def host_header(url: str) -> str:
+    """The Host header for ``url``: an IPv6 address in brackets, and the port
+    only when it is not the scheme's default. Both what HTTPPool sends and
+    what s3._SigV4 signs, which must be the same string (as botocore writes it)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    if parts.port is not None and parts.port != _DEFAULT_PORTS.get(parts.scheme):
+        host = f"{host}:{parts.port}"
+    return host
+
+
 class HTTPProtocolError(OSError):
     """A response that breaks HTTP/1.1 framing, or ends before it should."""
 
@@ -107,10 +123,8 @@ class HTTPPool:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url}")
         self.host = parts.hostname
-        self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        default_port = {"http": 80, "https": 443}[parts.scheme]
-        self.host_header = host if self.port == default_port else f"{host}:{self.port}"
+        self.port = parts.port or _DEFAULT_PORTS[parts.scheme]
+        self.host_header = host_header(base_url)
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.max_idle = max_idle

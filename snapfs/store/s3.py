@@ -51,7 +51,7 @@ import botocore.session
 
 from ..errors import NotFoundError, StoreUnavailableError, UsageError
 from .base import ObjectInfo, Store
-from .http import HTTPPool, Response
+from .http import HTTPPool, Response, host_header
 
 log = logging.getLogger(__name__)
 
@@ -171,15 +171,9 @@ class _SigV4:
     """
 
     def __init__(self, base_url: str, region: str) -> None:
-        parts = urlsplit(base_url)
-        if parts.query:
+        if urlsplit(base_url).query:
             raise ValueError("object URLs with a query string are not signed here")
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"  # IPv6, as botocore writes it
-        if parts.port is not None and parts.port != {"http": 80, "https": 443}.get(parts.scheme):
-            host = f"{host}:{parts.port}"
-        self.host = host
+        self.host = host_header(base_url)  # the one HTTPPool sends
         self.region = region
         self.scope_tail = f"/{region}/s3/aws4_request"
         self._key: tuple[str, str, bytes] | None = None  # (secret, date, signing key)

@@ -221,7 +221,7 @@ class HTTPPool:
                 sock.sendall(head)
                 if body:
                     sock.sendall(body)
-            line = file.readline(_MAX_LINE + 1)
+            line = _readline(file)
         except BrokenPipeError:
             if conn.used:
                 raise _StaleConnection() from None  # closed by the server before our request
@@ -235,7 +235,7 @@ class HTTPPool:
             headers = _read_headers(file)
             if not 100 <= status < 200:
                 break
-            line = file.readline(_MAX_LINE + 1)  # an interim response; the real one follows
+            line = _readline(file)  # an interim response; the real one follows
         keep_alive = headers.get("connection", "").lower() != "close" and (
             version == "HTTP/1.1" or headers.get("connection", "").lower() == "keep-alive"
         )
@@ -252,11 +252,7 @@ class HTTPPool:
 
 
 def _read_exact(file, size: int) -> bytes:  # type: ignore[no-untyped-def]
-    if size <= _BODY_PIECE:
-        data = file.read(size)
-        if len(data) != size:
-            raise HTTPProtocolError(f"the body ended after {len(data)} of {size} bytes")
-        return data
+    # A body of one piece costs no copy: b"".join returns a lone bytes as is.
     pieces = []
     got = 0
     while got < size:
@@ -268,10 +264,18 @@ def _read_exact(file, size: int) -> bytes:  # type: ignore[no-untyped-def]
     return b"".join(pieces)
 
 
-def _status_line(line: bytes) -> tuple[str, int]:
+def _readline(file) -> bytes:  # type: ignore[no-untyped-def]
+    return file.readline(_MAX_LINE + 1)
+
+
+def _whole_line(line: bytes, what: str) -> bytes:
     if len(line) > _MAX_LINE or not line.endswith(b"\n"):
-        raise HTTPProtocolError("the status line is cut off or too long")
-    parts = line.split(None, 2)
+        raise HTTPProtocolError(f"{what} is cut off or too long")
+    return line
+
+
+def _status_line(line: bytes) -> tuple[str, int]:
+    parts = _whole_line(line, "the status line").split(None, 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
         raise HTTPProtocolError(f"not an HTTP/1.x status line: {line[:80]!r}")
     return parts[0].decode("ascii"), int(parts[1])
@@ -280,9 +284,7 @@ def _status_line(line: bytes) -> tuple[str, int]:
 def _read_headers(file) -> dict[str, str]:  # type: ignore[no-untyped-def]
     headers: dict[str, str] = {}
     for _ in range(_MAX_HEADERS):
-        line = file.readline(_MAX_LINE + 1)
-        if len(line) > _MAX_LINE or not line.endswith(b"\n"):
-            raise HTTPProtocolError("a response header is cut off or too long")
+        line = _whole_line(_readline(file), "a response header")
         if line in (b"\r\n", b"\n"):
             return headers
         name, sep, value = line.partition(b":")
@@ -297,9 +299,7 @@ def _read_headers(file) -> dict[str, str]:  # type: ignore[no-untyped-def]
 def _read_chunked(file) -> bytes:  # type: ignore[no-untyped-def]
     pieces = []
     while True:
-        line = file.readline(_MAX_LINE + 1)
-        if len(line) > _MAX_LINE or not line.endswith(b"\n"):
-            raise HTTPProtocolError("a chunk header is cut off or too long")
+        line = _whole_line(_readline(file), "a chunk header")
         try:
             size = int(line.split(b";", 1)[0].strip(), 16)
         except ValueError:
@@ -313,6 +313,6 @@ def _read_chunked(file) -> bytes:  # type: ignore[no-untyped-def]
             piece = _read_exact(file, size)
         except HTTPProtocolError:
             raise HTTPProtocolError("a chunked body ended early") from None
-        if file.readline(_MAX_LINE + 1) not in (b"\r\n", b"\n"):
+        if _readline(file) not in (b"\r\n", b"\n"):
             raise HTTPProtocolError("a chunked body ended early")
         pieces.append(piece)

@@ -94,6 +94,12 @@ class ScriptedServer:
             self.ended.release()
 
     def close(self) -> None:
+        # shutdown() wakes an accept() still waiting for a connection that never
+        # comes (close() alone does not on Linux, and the join would time out).
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.listener.close()
         self.thread.join(timeout=5)
 

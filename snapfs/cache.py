@@ -545,8 +545,7 @@ class ObjectSource:
                         )
                 finally:
                     self._fetching_bytes -= announced
-                    if not self._backlog_full():
-                        self._backlog_room.unpark_all()  # a failed fetch frees its share too
+                    self._wake_backlog_waiters()  # a failed fetch frees its share too
                 elapsed = time.monotonic() - started
                 self.counters.fetched_bytes += len(data)
                 self.counters.fetched_objects += 1
@@ -585,6 +584,11 @@ class ObjectSource:
 
     def _backlog_full(self) -> bool:
         return self._unwritten_bytes + self._fetching_bytes >= self.write_backlog_bytes
+
+    def _wake_backlog_waiters(self) -> None:
+        """After the backlog shrank: let parked misses go if there is room now."""
+        if not self._backlog_full():
+            self._backlog_room.unpark_all()
 
     @property
     def write_backlog(self) -> int:
@@ -691,8 +695,7 @@ class ObjectSource:
         finally:
             self._unwritten.pop(object_id, None)
             self._unwritten_bytes -= len(data)
-            if not self._backlog_full():
-                self._backlog_room.unpark_all()
+            self._wake_backlog_waiters()
             self._pending_writes -= 1
             if self._pending_writes == 0:
                 self._writes_idle.set()

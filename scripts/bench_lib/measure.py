@@ -53,12 +53,18 @@ WARM_MIN_PASSES = 2
 WARM_BUDGET_S = 3.0
 
 
+def _another_pass(passes: int, start: float, min_passes: int) -> bool:
+    """Whether to take one more pass: up to WARM_REPEATS, at least ``min_passes``,
+    and none started once WARM_BUDGET_S is spent."""
+    return passes < WARM_REPEATS and (passes < min_passes or time.perf_counter() - start < WARM_BUDGET_S)
+
+
 def _best(measure: Callable[[], float], min_passes: int = WARM_MIN_PASSES) -> tuple[float, int]:
     """Best of ``min_passes`` to WARM_REPEATS passes, stopping once WARM_BUDGET_S is spent."""
     start = time.perf_counter()
     best = measure()
     passes = 1
-    while passes < WARM_REPEATS and (passes < min_passes or time.perf_counter() - start < WARM_BUDGET_S):
+    while _another_pass(passes, start, min_passes):
         best = max(best, measure())
         passes += 1
     return best, passes
@@ -84,7 +90,7 @@ def _best_paired(measure: Callable[[], float], native: Callable[[], float]) -> t
     start = time.perf_counter()
     best, best_native = measure(), native()
     passes = 1
-    while passes < WARM_REPEATS and (passes < WARM_MIN_PASSES or time.perf_counter() - start < WARM_BUDGET_S):
+    while _another_pass(passes, start, WARM_MIN_PASSES):
         best = max(best, measure())
         best_native = max(best_native, native())
         passes += 1

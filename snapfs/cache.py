@@ -386,10 +386,10 @@ class ObjectSource:
         self.on_fetch = on_fetch  # callback(seconds, nbytes) for metrics
         self._nursery: trio.Nursery | None = None
         self._prefetch_slots = trio.Semaphore(16)
-        self._pending_writes = 0
         # Fetched and verified, waiting for their write-back: served from here,
         # so an object evicted from memory before it reaches the disk is not
-        # fetched again (prefetch runs ahead of the cache writes).
+        # fetched again (prefetch runs ahead of the cache writes). Its size is
+        # the number of write-backs pending; _writes_idle is set when it empties.
         self._unwritten: dict[str, bytes] = {}
         self._unwritten_bytes = 0
         self._fetching_bytes = 0  # announced sizes of fetches in flight, counted against the same bound
@@ -418,8 +418,8 @@ class ObjectSource:
             with trio.move_on_after(30) as waiting:
                 waiting.shield = True
                 await self._writes_idle.wait()
-            if self._pending_writes:
-                log.warning("leaving %d objects unwritten to the cache at shutdown", self._pending_writes)
+            if self._unwritten:
+                log.warning("leaving %d objects unwritten to the cache at shutdown", len(self._unwritten))
         finally:
             self._nursery.cancel_scope.cancel()
             result = await self._nursery_cm.__aexit__(*exc)
@@ -552,7 +552,6 @@ class ObjectSource:
                 if self.on_fetch:
                     self.on_fetch(elapsed, len(data))
                 assert self._nursery is not None
-                self._pending_writes += 1
                 # A new Event only when idle: shutdown may already wait on the
                 # current one, which must be the one set when writes drain.
                 if self._writes_idle.is_set():
@@ -696,8 +695,7 @@ class ObjectSource:
             self._unwritten.pop(object_id, None)
             self._unwritten_bytes -= len(data)
             self._wake_backlog_waiters()
-            self._pending_writes -= 1
-            if self._pending_writes == 0:
+            if not self._unwritten:
                 self._writes_idle.set()
         if not ok:
             self.counters.cache_write_failures += 1

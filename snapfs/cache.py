@@ -28,7 +28,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
@@ -311,7 +311,6 @@ class Counters:
     fast_failures: int = 0
     #: Times a miss waited for cache writes to drain (WRITE_BACKLOG_BYTES).
     backlog_waits: int = 0
-    fetch_seconds: list[float] = field(default_factory=list, repr=False)
 
 
 class UnavailableStreak:

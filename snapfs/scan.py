@@ -60,12 +60,23 @@ class FileChangedError(SnapfsError):
     pass
 
 
-def hash_file(path: bytes) -> tuple[int, list[ChunkRef], bool]:
-    """Chunk and hash one regular file: (size, chunks, executable)."""
+def _open(path: bytes) -> int:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise SnapfsError(f"cannot read {os.fsdecode(path)}: {exc.strerror}") from exc
+
+
+def hash_file(path: bytes) -> tuple[int, list[ChunkRef], bool]:
+    """Chunk and hash one regular file: (size, chunks, executable)."""
+    fd = _open(path)
+    try:
+        return _hash_fd(path, fd)
+    finally:
+        os.close(fd)
+
+
+def _hash_fd(path: bytes, fd: int) -> tuple[int, list[ChunkRef], bool]:
     try:
         st = os.fstat(fd)
         executable = bool(st.st_mode & stat.S_IXUSR)
@@ -86,8 +97,6 @@ def hash_file(path: bytes) -> tuple[int, list[ChunkRef], bool]:
             return size, chunks, executable
     except OSError as exc:
         raise SnapfsError(f"cannot read {os.fsdecode(path)}: {exc.strerror}") from exc
-    finally:
-        os.close(fd)
 
 
 def _list_dir(path: bytes) -> list[os.DirEntry]:
@@ -98,16 +107,30 @@ def _list_dir(path: bytes) -> list[os.DirEntry]:
         raise SnapfsError(f"cannot list {os.fsdecode(path)}: {exc.strerror}") from exc
 
 
-def _hash_batch(paths: list[bytes]) -> list[tuple[int, list[ChunkRef], bool]]:
-    return [hash_file(p) for p in paths]
+def _hash_batch(paths: list[bytes], sizes: list[int]) -> list[tuple[int, list[ChunkRef], bool]]:
+    """Hash a batch of files. All of its small files are opened first and the
+    kernel is told to read them (WILLNEED), so a cold disk serves the whole
+    batch at a queue depth of its size instead of one file per hashing thread;
+    on a warm page cache the hint costs one cheap call per file."""
+    fds: list[int] = []
+    try:
+        for path, size in zip(paths, sizes, strict=True):
+            fd = _open(path)
+            fds.append(fd)
+            if 0 < size <= _SMALL_READ and len(paths) > 1:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        return [_hash_fd(path, fd) for path, fd in zip(paths, fds, strict=True)]
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
-def _hash_batch_now(paths: list[bytes]) -> Future:
+def _hash_batch_now(paths: list[bytes], sizes: list[int]) -> Future:
     """_hash_batch run in this thread, as a finished Future: its error, if any,
     comes out where a pooled batch's would, when the directory is encoded."""
     future: Future = Future()
     try:
-        future.set_result(_hash_batch(paths))
+        future.set_result(_hash_batch(paths, sizes))
     except Exception as exc:  # not KeyboardInterrupt: Ctrl-C stops the walk at once
         future.set_exception(exc)
     return future
@@ -142,7 +165,10 @@ def scan(
         raise UsageError(f"{os.fsdecode(root_b)}: not a directory")
 
     result = ScanResult(root_id="")
-    jobs = jobs or min(8, (os.cpu_count() or 2) * 2)
+    # One hashing thread per core. More only add GIL hand-offs: on 2 cores, 4
+    # threads took 1.35 s instead of 1.04 s over a warm 2.1 GB tree. A cold
+    # disk gets its queue depth from the WILLNEED hints in _hash_batch instead.
+    jobs = jobs or min(8, os.cpu_count() or 2)
     # The walk runs ahead of the hashing: a directory is listed and its files
     # submitted at once, and directories are encoded later, children first,
     # once their hashes are in. So the pool never idles at a directory
@@ -159,18 +185,19 @@ def scan(
         frame = _Dir(path, depth, parent, [], [], [])
         batch_names: list[bytes] = []
         batch_paths: list[bytes] = []
+        batch_sizes: list[int] = []
         batch_bytes = 0
 
         def flush() -> None:
-            nonlocal batch_names, batch_paths, batch_bytes, submitted
+            nonlocal batch_names, batch_paths, batch_sizes, batch_bytes, submitted
             if batch_paths:
                 if batch_bytes < _INLINE_BATCH_BYTES:
-                    future = _hash_batch_now(batch_paths)
+                    future = _hash_batch_now(batch_paths, batch_sizes)
                 else:
-                    future = pool.submit(_hash_batch, batch_paths)
+                    future = pool.submit(_hash_batch, batch_paths, batch_sizes)
                 frame.batches.append((batch_names, future))
                 submitted += 1
-                batch_names, batch_paths, batch_bytes = [], [], 0
+                batch_names, batch_paths, batch_sizes, batch_bytes = [], [], [], 0
 
         for d in _list_dir(path):
             name = d.name
@@ -188,6 +215,7 @@ def scan(
             elif stat.S_ISREG(mode):
                 batch_names.append(name)
                 batch_paths.append(d.path)
+                batch_sizes.append(st.st_size)
                 batch_bytes += st.st_size
                 if batch_bytes >= _BATCH_BYTES or len(batch_paths) >= _BATCH_FILES:
                     flush()

@@ -261,3 +261,30 @@ def test_scan_follows_a_symlinked_root_but_not_symlinks_inside(tmp_path: Path) -
     os.symlink(root / "sub", root / "sub-link")
     entries = {e.name: e for e in fmt.decode_tree(scan(root).trees[scan(root).root_id])}
     assert entries[b"sub-link"].is_symlink
+
+
+def test_a_file_swapped_for_a_symlink_mid_batch_fails_cleanly(tmp_path: Path, monkeypatch) -> None:
+    # A batch opens all of its files before hashing them (to hint the kernel).
+    # A file that turns into a symlink after the walk stat'ed it must not be
+    # followed; the scan fails naming it, and no descriptor of the batch leaks.
+    from snapfs import scan as scan_mod
+    from snapfs.errors import SnapfsError
+
+    root = tmp_path / "tree"
+    root.mkdir()
+    for i in range(40):
+        (root / f"f{i:02d}").write_bytes(os.urandom(40_000))
+    (tmp_path / "elsewhere").write_bytes(b"not part of the tree")
+    real = scan_mod._hash_batch
+
+    def swap_then_hash(paths, sizes):
+        victim = paths[len(paths) // 2]
+        os.unlink(victim)
+        os.symlink(tmp_path / "elsewhere", victim)
+        return real(paths, sizes)
+
+    monkeypatch.setattr(scan_mod, "_hash_batch", swap_then_hash)
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(SnapfsError, match=r"cannot read .*f20: Too many levels of symbolic links"):
+        scan(root)
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -166,6 +166,29 @@ def set_readahead(mountpoint: str, nbytes: int) -> None:
         log.info("cannot set %s (%s); kernel readahead left at its default", path, exc.strerror)
 
 
+# Asynchronous FUSE requests (the kernel's readahead) in flight per mount. The
+# kernel's default of 12 is shared by all readers of the mount: 4 readers with
+# a 4 MiB window already want 16 reads of 1 MiB. Measured on cache-hit reads of
+# 1 GiB, 4 readers, page cache dropped, two runs each interleaved: 680-820 MB/s
+# at 12, 787-928 at 64, 853-969 at 256.
+MAX_BACKGROUND = 64
+
+
+def set_max_background(mountpoint: str, requests: int) -> None:
+    """Let the kernel keep more readahead requests in flight to this mount
+    (fusectl's max_background; congestion starts at 3/4 of it). Root only, and
+    only where fusectl is mounted; otherwise the kernel default stays."""
+    directory = f"/sys/fs/fuse/connections/{os.minor(os.stat(mountpoint).st_dev)}"
+    for name, value in (("max_background", requests), ("congestion_threshold", requests * 3 // 4)):
+        path = f"{directory}/{name}"
+        try:
+            with open(path, "w") as f:
+                f.write(str(value))
+        except OSError as exc:
+            log.info("cannot set %s (%s); the kernel default stays", path, exc.strerror)
+            return
+
+
 def _rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
@@ -332,6 +355,7 @@ def _serve(config: MountConfig, mountpoint: str, ready_fd: int | None) -> int:
         def on_ready() -> None:
             if config.readahead:
                 set_readahead(mountpoint, config.readahead)
+            set_max_background(mountpoint, MAX_BACKGROUND)
             log.info("mounted %s (store %s, cache %s)", mountpoint, daemon.repo.url, daemon.cache.directory)
             report(f"ok {os.getpid()}")
             sd_notify(f"READY=1\nSTATUS=serving {mountpoint}\nMAINPID={os.getpid()}")

@@ -141,6 +141,21 @@ def test_second_mount_over_warm_cache_fetches_nothing(sample: Path, file_store_u
         assert counters["hits"] > 0
 
 
+def test_mount_tunes_its_own_fuse_connection(file_store_url: str, tmp_path: Path):
+    # As root: readahead of the bdi and the kernel's async-request budget.
+    if os.geteuid() != 0 or not os.path.isdir("/sys/fs/fuse/connections"):
+        pytest.skip("tuning a FUSE connection needs root and fusectl")
+    from snapfs.daemon import MAX_BACKGROUND
+
+    with mounted(tmp_path / "mnt", file_store_url, tmp_path / "cache") as mnt:
+        dev = os.stat(mnt).st_dev
+        conn = Path(f"/sys/fs/fuse/connections/{os.minor(dev)}")
+        assert int((conn / "max_background").read_text()) == MAX_BACKGROUND > 12
+        assert int((conn / "congestion_threshold").read_text()) == MAX_BACKGROUND * 3 // 4
+        bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        assert int(bdi.read_text()) == 4096
+
+
 def test_sigterm_unmounts_cleanly(sample: Path, file_store_url: str, tmp_path: Path):
     snapshot_id = push(str(sample), Repo.open(file_store_url)).snapshot_id
     mnt = tmp_path / "mnt"

@@ -45,6 +45,7 @@ from .errors import (
 from .hashing import hash_bytes
 from .index import CacheIndex
 from .repo import Repo
+from .workers import WorkerThreads
 
 T = TypeVar("T")
 
@@ -375,7 +376,7 @@ class ObjectSource:
         self.repo = repo
         self.cache = cache
         self.fetch_limiter = trio.CapacityLimiter(fetch_concurrency)
-        self.disk_limiter = trio.CapacityLimiter(8)
+        self.disk_threads = WorkerThreads(8, "snapfs-disk")  # cache-file reads on the read path
         self.write_limiter = trio.CapacityLimiter(4)
         self.memory_bytes = memory_bytes
         self._memory: OrderedDict[str, bytes] = OrderedDict()
@@ -404,6 +405,7 @@ class ObjectSource:
     async def __aenter__(self) -> ObjectSource:
         self._nursery_cm = trio.open_nursery()
         self._nursery = await self._nursery_cm.__aenter__()
+        self.disk_threads.start()
         self._nursery.start_soon(self._flush_touches_forever)
         return self
 
@@ -422,6 +424,7 @@ class ObjectSource:
         finally:
             self._nursery.cancel_scope.cancel()
             result = await self._nursery_cm.__aexit__(*exc)
+            self.disk_threads.close()
         await self._flush_touches()
         return result
 
@@ -524,7 +527,7 @@ class ObjectSource:
 
     async def _fly(self, object_id: str, what: str, expected_size: int | None, flight: _Flight) -> None:
         try:
-            data = await trio.to_thread.run_sync(self.cache.read, object_id, limiter=self.disk_limiter)
+            data = await self.disk_threads.run(self.cache.read, object_id)
             if data is not None:
                 self.counters.disk_hits += 1
             else:

@@ -173,9 +173,7 @@ class SnapdirObjectSource(ObjectSource):
 
     async def _fly_big(self, object_id: str, flight: _BigFlight) -> None:
         try:
-            mapped = await trio.to_thread.run_sync(
-                map_cached, self.cache, object_id, limiter=self.disk_limiter
-            )
+            mapped = await self.disk_threads.run(map_cached, self.cache, object_id)
             if mapped is not None:
                 self.counters.disk_hits += 1
             else:

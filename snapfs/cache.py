@@ -14,8 +14,9 @@ directory.
 with single-flight: however many readers want a missing object, it is fetched
 once. Fetches run in a nursery owned by the ObjectSource, not by the reader, so a
 reader that gives up never cancels a fetch another reader waits on. Blocking
-work runs in worker threads under its own CapacityLimiter: store fetches
-(boto3 + hashing), disk reads, disk writes + LMDB. See docs/CACHE.md for the
+work runs on fixed pools of worker threads (snapfs.workers), one pool per
+kind: store fetches (HTTP + hashing, also bounded by ``fetch_limiter``), disk
+reads, disk writes + LMDB. See docs/CACHE.md for the
 list of awaits where state can change.
 """
 
@@ -375,9 +376,12 @@ class ObjectSource:
     ) -> None:
         self.repo = repo
         self.cache = cache
+        # Slots for misses; the threads run their fetches. Extra threads serve
+        # fetches that take other slots (the snapdir source's big objects).
         self.fetch_limiter = trio.CapacityLimiter(fetch_concurrency)
-        self.disk_threads = WorkerThreads(8, "snapfs-disk")  # cache-file reads on the read path
-        self.write_limiter = trio.CapacityLimiter(4)
+        self.fetch_threads = WorkerThreads(fetch_concurrency + 4, "snapfs-fetch")
+        self.disk_threads = WorkerThreads(8, "snapfs-disk")  # cache-file reads
+        self.write_threads = WorkerThreads(4, "snapfs-write")  # cache writes and index updates
         self.memory_bytes = memory_bytes
         self._memory: OrderedDict[str, bytes] = OrderedDict()
         self._memory_used = 0
@@ -405,28 +409,32 @@ class ObjectSource:
     async def __aenter__(self) -> ObjectSource:
         self._nursery_cm = trio.open_nursery()
         self._nursery = await self._nursery_cm.__aenter__()
-        self.disk_threads.start()
+        for pool in (self.fetch_threads, self.disk_threads, self.write_threads):
+            pool.start()
         self._nursery.start_soon(self._flush_touches_forever)
         return self
 
     async def __aexit__(self, *exc) -> bool | None:
         assert self._nursery is not None
         try:
-            # Verified bytes waiting to be written are worth keeping: let queued
-            # write-backs finish (bounded) before cancelling everything else.
-            # Shielded, so that even a cancelled exit gets here and then on to
-            # closing the nursery: leaving it open corrupts trio's task tree.
-            with trio.move_on_after(30) as waiting:
-                waiting.shield = True
-                await self._writes_idle.wait()
-            if self._unwritten:
-                log.warning("leaving %d objects unwritten to the cache at shutdown", len(self._unwritten))
+            try:
+                # Verified bytes waiting to be written are worth keeping: let queued
+                # write-backs finish (bounded) before cancelling everything else.
+                # Shielded, so that even a cancelled exit gets here and then on to
+                # closing the nursery: leaving it open corrupts trio's task tree.
+                with trio.move_on_after(30) as waiting:
+                    waiting.shield = True
+                    await self._writes_idle.wait()
+                if self._unwritten:
+                    log.warning("leaving %d objects unwritten to the cache at shutdown", len(self._unwritten))
+            finally:
+                self._nursery.cancel_scope.cancel()
+                result = await self._nursery_cm.__aexit__(*exc)
+            await self._flush_touches()
+            return result
         finally:
-            self._nursery.cancel_scope.cancel()
-            result = await self._nursery_cm.__aexit__(*exc)
-            self.disk_threads.close()
-        await self._flush_touches()
-        return result
+            for pool in (self.fetch_threads, self.disk_threads, self.write_threads):
+                pool.close()
 
     async def _flush_touches_forever(self) -> None:
         while True:
@@ -436,7 +444,7 @@ class ObjectSource:
     async def _flush_touches(self) -> None:
         # LRU order is bookkeeping: a full disk must not take the mount down with it.
         try:
-            await trio.to_thread.run_sync(self.cache.flush_touches, limiter=self.write_limiter)
+            await self.write_threads.run(self.cache.flush_touches)
         except CacheIndexError as exc:
             if str(exc) != self._last_index_error:
                 log.warning("%s; last-access times are not being recorded", exc)
@@ -631,7 +639,7 @@ class ObjectSource:
                 )
             outage.probing = probe = True
         try:
-            result = await trio.to_thread.run_sync(fetch)
+            result = await self.fetch_threads.run(fetch)
         except StoreUnavailableError as exc:
             self._note_unavailable(exc, probe)
             raise
@@ -681,9 +689,7 @@ class ObjectSource:
 
     async def _write_back(self, object_id: str, data: bytes) -> None:
         try:
-            ok = await trio.to_thread.run_sync(
-                lambda: self.cache.insert(object_id, data, verified=True), limiter=self.write_limiter
-            )
+            ok = await self.write_threads.run(partial(self.cache.insert, object_id, data, verified=True))
         except CacheFullError as exc:
             log.warning("%s; serving object %s without caching it", exc, object_id)
             ok = False

@@ -365,9 +365,7 @@ class SnapshotFS:
         # For `snapfs cache stats`: which snapshots this node's cache serves.
         # Bookkeeping only: a full cache disk must not keep a snapshot from opening.
         try:
-            await trio.to_thread.run_sync(
-                self.source.cache.index.remember_snapshot, snapshot_id, limiter=self.source.write_limiter
-            )
+            await self.source.write_threads.run(self.source.cache.index.remember_snapshot, snapshot_id)
         except CacheIndexError as exc:
             log.warning("%s; snapshot %s opened but not recorded", exc, snapshot_id)
         return ino

@@ -45,8 +45,8 @@ class _Job:
 class WorkerThreads:
     """``size`` threads serving ``await pool.run(fn, *args)`` from one trio run.
 
-    Start with ``start()`` inside the run, stop with ``close()`` (which does not
-    wait for running jobs; callers that need them done await them first)."""
+    Start with ``start()`` inside the run, stop with ``close()``, which does not
+    wait: its threads finish the jobs already queued, then exit."""
 
     def __init__(self, size: int, name: str) -> None:
         if size < 1:
@@ -57,6 +57,7 @@ class WorkerThreads:
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._token: trio.lowlevel.TrioToken | None = None
+        self._closed = False
 
     def start(self) -> None:
         self._token = trio.lowlevel.current_trio_token()
@@ -66,13 +67,15 @@ class WorkerThreads:
             self._threads.append(thread)
 
     def close(self) -> None:
+        """Stop the threads once the jobs already queued are done; later run() calls fail."""
+        self._closed = True
         for _ in self._threads:
             self._queue.put(None)
         self._threads = []
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._token is None:
-            raise RuntimeError(f"worker pool {self.name} used before start()")
+        if self._token is None or self._closed:
+            raise RuntimeError(f"worker pool {self.name} used before start() or after close()")
         await trio.lowlevel.checkpoint_if_cancelled()
         job = _Job(fn, args, trio.lowlevel.current_task())
         self._queue.put(job)

@@ -6,6 +6,7 @@ import errno
 import os
 import random
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -451,21 +452,38 @@ def test_cold_small_read_prefetches_its_siblings(tmp_path: Path):
     assert run_fs(repo, tmp_path / "cache", warm, fs_kwargs={"sibling_files": 8, "tree_prefetch": 0}) == 0
 
 
+async def _stall_cache_writes(source: ObjectSource) -> threading.Event:
+    """Occupy every cache-write thread until the returned event is set."""
+    gate = threading.Event()
+    busy = threading.Semaphore(0)
+
+    def hold() -> None:
+        busy.release()
+        gate.wait(30)
+
+    assert source._nursery is not None
+    for _ in range(source.write_threads.size):
+        source._nursery.start_soon(source.write_threads.run, hold)
+    for _ in range(source.write_threads.size):
+        while not busy.acquire(blocking=False):
+            await trio.sleep(0.001)
+    return gate
+
+
 def test_object_waiting_for_its_cache_write_is_not_fetched_again(pushed):
     src, repo, store, snapshot_id, tmp = pushed
 
     async def body(fs, source):
         root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
         ino, attr = await resolve(fs, root.ino, b"run.sh")
-        source.write_limiter.total_tokens = 1
-        await source.write_limiter.acquire()  # hold the cache writes back
+        gate = await _stall_cache_writes(source)  # hold the cache writes back
         before = len(store.gets)
         first = await read_all(fs, ino, attr.size)
         second = await read_all(fs, ino, attr.size)
         gets = [k for k in store.gets[before:] if k.startswith("objects/")]
         # Still unwritten: the second read was served from the write-back queue.
         assert not os.path.exists(source.cache.path(hash_bytes(first)))
-        source.write_limiter.release()
+        gate.set()
         return first, second, gets
 
     first, second, gets = run_fs(
@@ -494,8 +512,7 @@ def test_the_cache_write_backlog_is_bounded(tmp_path: Path):
         source.write_backlog_bytes = budget
         root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
         d = await fs.lookup(root.ino, b"d")
-        source.write_limiter.total_tokens = 1
-        await source.write_limiter.acquire()  # the cache disk stalls
+        gate = await _stall_cache_writes(source)  # the cache disk stalls
         served = []
         peak = 0
 
@@ -510,7 +527,7 @@ def test_the_cache_write_backlog_is_bounded(tmp_path: Path):
             await trio.sleep(0.5)
             stalled = (len(served), source.write_backlog, source.counters.backlog_waits)
             stalled_prefetches = source.counters.readahead_objects
-            source.write_limiter.release()  # the disk catches up: the reader goes on
+            gate.set()  # the disk catches up: the reader goes on
         await _settle(source)
         while source.write_backlog:
             await trio.sleep(0.01)

@@ -124,9 +124,14 @@ def test_close_stops_the_threads() -> None:
     assert not any(t.name.startswith("snapfs-test-close") for t in threading.enumerate())
 
 
-def test_use_before_start_is_refused() -> None:
+def test_use_before_start_or_after_close_is_refused() -> None:
     async def main():
+        pool = WorkerThreads(1, "t")
         with pytest.raises(RuntimeError, match="before start"):
-            await WorkerThreads(1, "t").run(lambda: None)
+            await pool.run(lambda: None)
+        pool.start()
+        pool.close()
+        with pytest.raises(RuntimeError, match="after close"):
+            await pool.run(lambda: None)
 
     _run(main)

@@ -41,6 +41,13 @@ _BATCH_FILES = 64
 # is. Measured on 100,000 files of ~10 bytes: 3.8 s with one thread, 4.5 s with
 # two, 6.9 s with four (sys time 2.1, 3.3, 6.2 s).
 _INLINE_BATCH_BYTES = 1 << 20
+# Files a batch opens and hints to the kernel at once, before hashing them:
+# the queue depth a cold disk sees per hashing thread, and the descriptors
+# each thread holds at most (8 threads: 256, well under the usual 1024).
+# Opening in groups is faster warm too: over 20,000 files of 50 KB plus 1 GiB
+# of shards, 1.37 s one file at a time, 1.14 s in 16s, 1.06-1.11 s in 32s
+# or 64s.
+_HINT_AHEAD = 32
 
 
 @dataclass
@@ -108,21 +115,24 @@ def _list_dir(path: bytes) -> list[os.DirEntry]:
 
 
 def _hash_batch(paths: list[bytes], sizes: list[int]) -> list[tuple[int, list[ChunkRef], bool]]:
-    """Hash a batch of files. All of its small files are opened first and the
-    kernel is told to read them (WILLNEED), so a cold disk serves the whole
-    batch at a queue depth of its size instead of one file per hashing thread;
-    on a warm page cache the hint costs one cheap call per file."""
-    fds: list[int] = []
-    try:
-        for path, size in zip(paths, sizes, strict=True):
-            fd = _open(path)
-            fds.append(fd)
-            if 0 < size <= _SMALL_READ and len(paths) > 1:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        return [_hash_fd(path, fd) for path, fd in zip(paths, fds, strict=True)]
-    finally:
-        for fd in fds:
-            os.close(fd)
+    """Hash a batch of files, _HINT_AHEAD at a time: open them all with a
+    WILLNEED hint on each small one, then hash them. A cold disk then serves
+    that many reads at once instead of one file per hashing thread, while a
+    warm page cache pays one cheap call per file."""
+    out: list[tuple[int, list[ChunkRef], bool]] = []
+    for start in range(0, len(paths), _HINT_AHEAD):
+        group = paths[start : start + _HINT_AHEAD]
+        fds: list[int] = []
+        try:
+            for path, size in zip(group, sizes[start : start + _HINT_AHEAD], strict=True):
+                fds.append(_open(path))
+                if 0 < size <= _SMALL_READ and len(paths) > 1:
+                    os.posix_fadvise(fds[-1], 0, 0, os.POSIX_FADV_WILLNEED)
+            out.extend(_hash_fd(path, fd) for path, fd in zip(group, fds, strict=True))
+        finally:
+            for fd in fds:
+                os.close(fd)
+    return out
 
 
 def _hash_batch_now(paths: list[bytes], sizes: list[int]) -> Future:

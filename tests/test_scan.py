@@ -288,3 +288,27 @@ def test_a_file_swapped_for_a_symlink_mid_batch_fails_cleanly(tmp_path: Path, mo
     with pytest.raises(SnapfsError, match=r"cannot read .*f20: Too many levels of symbolic links"):
         scan(root)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_batch_holds_a_bounded_number_of_files_open(tmp_path: Path, monkeypatch) -> None:
+    from snapfs import scan as scan_mod
+
+    root = tmp_path / "tree"
+    root.mkdir()
+    for i in range(60):
+        (root / f"f{i:02d}").write_bytes(os.urandom(30_000))
+    real = scan_mod._hash_fd
+    open_counts = []
+
+    def counting(path, fd):
+        open_counts.append(len(os.listdir("/proc/self/fd")))
+        return real(path, fd)
+
+    monkeypatch.setattr(scan_mod, "_hash_fd", counting)
+    before = len(os.listdir("/proc/self/fd"))
+    reference = scan(root).root_id
+    assert len(open_counts) == 60
+    # 1 for listdir's own descriptor; the hashing thread's window is the rest.
+    assert max(open_counts) - before <= scan_mod._HINT_AHEAD + 1
+    monkeypatch.setattr(scan_mod, "_HINT_AHEAD", 1)
+    assert scan(root).root_id == reference  # the window changes nothing but speed

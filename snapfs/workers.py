@@ -60,6 +60,8 @@ class WorkerThreads:
         self._closed = False
 
     def start(self) -> None:
+        if self._token is not None:
+            raise RuntimeError(f"worker pool {self.name} started twice")
         self._token = trio.lowlevel.current_trio_token()
         for i in range(self.size):
             thread = threading.Thread(target=self._work, name=f"{self.name}-{i}", daemon=True)

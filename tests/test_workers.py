@@ -124,12 +124,15 @@ def test_close_stops_the_threads() -> None:
     assert not any(t.name.startswith("snapfs-test-close") for t in threading.enumerate())
 
 
-def test_use_before_start_or_after_close_is_refused() -> None:
+def test_use_before_start_a_second_start_and_use_after_close_are_refused() -> None:
     async def main():
         pool = WorkerThreads(1, "t")
         with pytest.raises(RuntimeError, match="before start"):
             await pool.run(lambda: None)
         pool.start()
+        with pytest.raises(RuntimeError, match="started twice"):
+            pool.start()
+        assert len(pool._threads) == 1
         pool.close()
         with pytest.raises(RuntimeError, match="after close"):
             await pool.run(lambda: None)

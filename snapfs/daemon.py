@@ -152,18 +152,24 @@ def sd_notify(message: str) -> None:
 # --- the daemon ----------------------------------------------------------------
 
 
+def _set_kernel_knob(path: str, value: int) -> bool:
+    """Write one sysfs tunable; False (and a log line) where we may not."""
+    try:
+        with open(path, "w") as f:
+            f.write(str(value))
+    except OSError as exc:
+        log.info("cannot set %s (%s); the kernel default stays", path, exc.strerror)
+        return False
+    return True
+
+
 def set_readahead(mountpoint: str, nbytes: int) -> None:
     """Raise the kernel's readahead for this FUSE mount (its bdi): with bigger
     windows the kernel sends fewer, larger reads, which a Python daemon serves
     faster. Call only once FUSE_INIT is done: the kernel sets the bdi's
     readahead while processing it. Needs root; otherwise the default stays."""
     dev = os.stat(mountpoint).st_dev
-    path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
-    try:
-        with open(path, "w") as f:
-            f.write(str(max(4, nbytes // 1024)))
-    except OSError as exc:
-        log.info("cannot set %s (%s); kernel readahead left at its default", path, exc.strerror)
+    _set_kernel_knob(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb", max(4, nbytes // 1024))
 
 
 # Asynchronous FUSE requests (the kernel's readahead) in flight per mount. The
@@ -179,14 +185,8 @@ def set_max_background(mountpoint: str, requests: int) -> None:
     (fusectl's max_background; congestion starts at 3/4 of it). Root only, and
     only where fusectl is mounted; otherwise the kernel default stays."""
     directory = f"/sys/fs/fuse/connections/{os.minor(os.stat(mountpoint).st_dev)}"
-    for name, value in (("max_background", requests), ("congestion_threshold", requests * 3 // 4)):
-        path = f"{directory}/{name}"
-        try:
-            with open(path, "w") as f:
-                f.write(str(value))
-        except OSError as exc:
-            log.info("cannot set %s (%s); the kernel default stays", path, exc.strerror)
-            return
+    if _set_kernel_knob(f"{directory}/max_background", requests):
+        _set_kernel_knob(f"{directory}/congestion_threshold", requests * 3 // 4)
 
 
 def _rss_bytes() -> int:

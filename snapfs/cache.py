@@ -382,6 +382,7 @@ class ObjectSource:
         self.fetch_threads = WorkerThreads(fetch_concurrency + 4, "snapfs-fetch")
         self.disk_threads = WorkerThreads(8, "snapfs-disk")  # cache-file reads
         self.write_threads = WorkerThreads(4, "snapfs-write")  # cache writes and index updates
+        self._pools = (self.fetch_threads, self.disk_threads, self.write_threads)
         self.memory_bytes = memory_bytes
         self._memory: OrderedDict[str, bytes] = OrderedDict()
         self._memory_used = 0
@@ -409,7 +410,7 @@ class ObjectSource:
     async def __aenter__(self) -> ObjectSource:
         self._nursery_cm = trio.open_nursery()
         self._nursery = await self._nursery_cm.__aenter__()
-        for pool in (self.fetch_threads, self.disk_threads, self.write_threads):
+        for pool in self._pools:
             pool.start()
         self._nursery.start_soon(self._flush_touches_forever)
         return self
@@ -433,7 +434,7 @@ class ObjectSource:
             await self._flush_touches()
             return result
         finally:
-            for pool in (self.fetch_threads, self.disk_threads, self.write_threads):
+            for pool in self._pools:
                 pool.close()
 
     async def _flush_touches_forever(self) -> None:

@@ -236,9 +236,8 @@ class HTTPPool:
             if not 100 <= status < 200:
                 break
             line = _readline(file)  # an interim response; the real one follows
-        keep_alive = headers.get("connection", "").lower() != "close" and (
-            version == "HTTP/1.1" or headers.get("connection", "").lower() == "keep-alive"
-        )
+        connection = headers.get("connection", "").lower()
+        keep_alive = connection != "close" and (version == "HTTP/1.1" or connection == "keep-alive")
         if method == "HEAD" or status in (204, 304):
             return Response(status, headers, b""), keep_alive
         if "chunked" in headers.get("transfer-encoding", "").lower():

@@ -55,6 +55,7 @@ class MountConfig:
     fsync: bool = True
     readahead: int | None = 4 << 20
     prefetch_siblings: int = 16
+    skip_open: bool | None = None  # None: whenever pyfuse3 can (fuseops.KERNEL_CAN_SKIP_OPEN)
 
 
 # --- checks ------------------------------------------------------------------
@@ -226,10 +227,11 @@ class Daemon:
         self.started = time.time()
         self.source: ObjectSource | None = None
         self.fs = None
+        self.ops = None
         self.metrics = None
 
     def status(self) -> dict:
-        assert self.source is not None and self.fs is not None
+        assert self.source is not None and self.fs is not None and self.ops is not None
         counters = self.source.counters
         total, pinned, objects = self.cache.index.totals()
         usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -259,6 +261,8 @@ class Daemon:
             "cache_limit_bytes": self.cache.max_bytes,
             "rss_bytes": _rss_bytes(),
             "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3),
+            "skip_open": self.ops.skip_open,
+            "open_requests": self.ops.open_requests,
             **self.fs.stats(),
         }
 
@@ -317,7 +321,12 @@ class Daemon:
                 sibling_files=self.config.prefetch_siblings,
                 tree_prefetch=min(self.config.prefetch_siblings, TREE_PREFETCH),
             )
-            ops = fuseops.Operations(self.fs, self.status)
+            ops = self.ops = fuseops.Operations(self.fs, self.status, skip_open=self.config.skip_open)
+            if not ops.skip_open and self.config.skip_open is None:
+                log.warning(
+                    "pyfuse3 lacks read_noopen (scripts/pyfuse3-noopen.patch): every open() "
+                    "of a file costs a round trip through the daemon; scripts/setup installs it"
+                )
             options = fuseops.mount_options(allow_other=self.config.allow_other)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_signals)
@@ -356,7 +365,13 @@ def _serve(config: MountConfig, mountpoint: str, ready_fd: int | None) -> int:
             if config.readahead:
                 set_readahead(mountpoint, config.readahead)
             set_max_background(mountpoint, MAX_BACKGROUND)
-            log.info("mounted %s (store %s, cache %s)", mountpoint, daemon.repo.url, daemon.cache.directory)
+            log.info(
+                "mounted %s (store %s, cache %s, opens %s)",
+                mountpoint,
+                daemon.repo.url,
+                daemon.cache.directory,
+                "skipped (kernel no_open)" if daemon.ops.skip_open else "sent to the daemon",
+            )
             report(f"ok {os.getpid()}")
             sd_notify(f"READY=1\nSTATUS=serving {mountpoint}\nMAINPID={os.getpid()}")
 

@@ -29,7 +29,7 @@ import stat
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -51,6 +51,7 @@ FIXED_MTIME_NS = 946684800 * 1_000_000_000
 ROOT_ATTR_TIMEOUT = 1.0
 CONTENT_TIMEOUT = 86400.0 * 365
 READAHEAD_CHUNKS = 8
+READ_STREAMS = 8  # sequential readers of one file tracked for readahead
 # A cold read of a small file starts fetching this many of the files after it
 # in its directory (wrapping around), up to SIBLING_BYTES: a dataloader reads
 # a directory's samples in shuffled order, one request per file, so without
@@ -66,6 +67,11 @@ SIBLING_FILE_MAX = 1 << 20
 # over its index) then meets each next directory in memory instead of waiting
 # out one store round trip per directory. Tied to --prefetch-siblings (0: off).
 TREE_PREFETCH = 16
+# Files read without an OPEN (the kernel's no_open mode, see fuseops) keep their
+# decoded chunk list and readahead state per inode, in an LRU bounded by files
+# and by chunk references (a 1 TiB file alone lists a million chunks).
+INODE_FILES = 4096
+INODE_FILE_CHUNKS = 1 << 18
 
 
 def _moves(name: str) -> bool:
@@ -120,8 +126,10 @@ class OpenFile:
     snapshot_id: str
     path: bytes
     ino: int  # its directory's slot and its index there: for sibling prefetch
-    next_offset: int = 0  # where a sequential reader will read next
-    readahead_until: int = 0  # chunk index up to which readahead was started
+    # The file's readers, newest last, as [where it will read next, chunk index
+    # up to which its readahead was started]. Several: in no_open mode one
+    # OpenFile serves every process that reads the file.
+    streams: list[list[int]] = field(default_factory=list)
 
 
 NameResolver = Callable[[str], Awaitable[str | None]]
@@ -144,6 +152,8 @@ class SnapshotFS:
         tree_loader: TreeLoader | None = None,
         sibling_files: int = SIBLING_FILES,
         tree_prefetch: int = TREE_PREFETCH,
+        inode_files: int = INODE_FILES,
+        inode_file_chunks: int = INODE_FILE_CHUNKS,
     ) -> None:
         self.source = source
         self.sibling_files = sibling_files
@@ -163,6 +173,10 @@ class SnapshotFS:
         self._tree_entries = 0
         self.handles: dict[int, OpenFile] = {}
         self._next_fh = 1
+        self.inode_files: OrderedDict[int, OpenFile] = OrderedDict()
+        self.inode_files_max = inode_files
+        self.inode_file_chunks_max = inode_file_chunks
+        self._inode_file_chunks = 0
         self.started = time.time()
         self.read_requests = 0
         self.read_bytes = 0
@@ -477,6 +491,46 @@ class SnapshotFS:
     async def open(self, ino: int, flags: int) -> int:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise VfsError(errno.EROFS)
+        handle = await self._open_file(ino)
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = handle
+        return fh
+
+    def release(self, fh: int) -> None:
+        self.handles.pop(fh, None)
+
+    def handle(self, fh: int) -> OpenFile:
+        try:
+            return self.handles[fh]
+        except KeyError:
+            raise VfsError(errno.EBADF) from None
+
+    async def inode_file(self, ino: int) -> OpenFile:
+        """The read state of a file the kernel reads without opening it (no_open)."""
+        handle = self.inode_files.get(ino)
+        if handle is not None:
+            self.inode_files.move_to_end(ino)
+            return handle
+        handle = await self._open_file(ino)
+        if ino in self.inode_files:  # another reader opened it meanwhile
+            return self.inode_files[ino]
+        self.inode_files[ino] = handle
+        self._inode_file_chunks += len(handle.chunks)
+        while len(self.inode_files) > 1 and (
+            len(self.inode_files) > self.inode_files_max
+            or self._inode_file_chunks > self.inode_file_chunks_max
+        ):
+            self._inode_file_chunks -= len(self.inode_files.popitem(last=False)[1].chunks)
+        return handle
+
+    def forget(self, ino: int) -> None:
+        """The kernel dropped an inode: drop its read state too."""
+        handle = self.inode_files.pop(ino, None)
+        if handle is not None:
+            self._inode_file_chunks -= len(handle.chunks)
+
+    async def _open_file(self, ino: int) -> OpenFile:
         if ino == ROOT_INODE or ino & INDEX_MASK == 0:
             raise VfsError(errno.EISDIR)
         _ino, entry, slot = await self._child(ino & ~INDEX_MASK, (ino & INDEX_MASK) - 1)
@@ -495,22 +549,12 @@ class SnapshotFS:
         for _, length in chunks:
             offsets.append(offset)
             offset += length
-        fh = self._next_fh
-        self._next_fh += 1
-        self.handles[fh] = OpenFile(entry, chunks, offsets, slot.snapshot_id, path, ino)
-        return fh
-
-    def release(self, fh: int) -> None:
-        self.handles.pop(fh, None)
-
-    def handle(self, fh: int) -> OpenFile:
-        try:
-            return self.handles[fh]
-        except KeyError:
-            raise VfsError(errno.EBADF) from None
+        return OpenFile(entry, chunks, offsets, slot.snapshot_id, path, ino)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
-        handle = self.handle(fh)
+        return await self.read_file(self.handle(fh), offset, size)
+
+    async def read_file(self, handle: OpenFile, offset: int, size: int) -> bytes | memoryview:
         self.read_requests += 1
         file_size = handle.entry.size
         if offset >= file_size or size <= 0:
@@ -519,10 +563,18 @@ class SnapshotFS:
         self.read_bytes += end - offset
         first = bisect.bisect_right(handle.offsets, offset) - 1
         last = bisect.bisect_right(handle.offsets, end - 1) - 1
-        sequential = offset == handle.next_offset
-        handle.next_offset = end
-        if sequential or offset == 0:
-            self._readahead(handle, last)
+        for stream in handle.streams:
+            if stream[0] == offset:  # a sequential reader
+                stream[0] = end
+                self._readahead(handle, stream, last)
+                break
+        else:
+            stream = [end, 0]
+            handle.streams.append(stream)
+            if len(handle.streams) > READ_STREAMS:
+                del handle.streams[0]
+            if offset == 0:
+                self._readahead(handle, stream, last)
         if first == last:
             data, fetched = await self._chunk(handle, first)
             if fetched and len(handle.chunks) == 1 and self.sibling_files:
@@ -560,15 +612,15 @@ class SnapshotFS:
         chunk_id, length = handle.chunks[index]
         return await self.source.get_noting_fetch(chunk_id, "chunk", length)
 
-    def _readahead(self, handle: OpenFile, current: int) -> None:
+    def _readahead(self, handle: OpenFile, stream: list[int], current: int) -> None:
         """Keep up to READAHEAD_CHUNKS chunks ahead of a sequential reader in flight."""
-        start = max(current + 1, handle.readahead_until)
+        start = max(current + 1, stream[1])
         stop = min(current + 1 + READAHEAD_CHUNKS, len(handle.chunks))
         for i in range(start, stop):
             chunk_id, length = handle.chunks[i]
             if not self.source.prefetch(chunk_id, "chunk", length):
                 break
-            handle.readahead_until = i + 1
+            stream[1] = i + 1
 
     def _prefetch_siblings(self, handle: OpenFile) -> None:
         """Start fetching the small files after this one in its directory (see SIBLING_FILES)."""
@@ -622,6 +674,7 @@ class SnapshotFS:
             "trees_cached": len(self.trees),
             "tree_entries_cached": self._tree_entries,
             "open_files": len(self.handles),
+            "inode_files": len(self.inode_files),
             "read_requests": self.read_requests,
             "read_bytes": self.read_bytes,
         }

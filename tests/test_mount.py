@@ -59,6 +59,32 @@ def test_readers_in_other_processes_see_exact_bytes(sample: Path, store_url: str
         assert counters["misses"] > 0 and counters["verify_failures"] == 0 and counters["fetch_errors"] == 0
 
 
+@pytest.mark.parametrize("fuse_open", [False, True], ids=["kernel-opens", "daemon-opens"])
+def test_warm_rereads_skip_the_daemon(sample: Path, file_store_url: str, tmp_path: Path, fuse_open: bool):
+    from snapfs.fuseops import KERNEL_CAN_SKIP_OPEN
+
+    assert KERNEL_CAN_SKIP_OPEN, "pyfuse3 lacks scripts/pyfuse3-noopen.patch; run scripts/setup"
+    snapshot_id = push(str(sample), Repo.open(file_store_url)).snapshot_id
+    expected = file_digests(sample)
+    extra = ("--fuse-open",) if fuse_open else ()
+    with mounted(tmp_path / "mnt", file_store_url, tmp_path / "cache", *extra) as mnt:
+        assert parallel_digests(mnt / snapshot_id, workers=2) == expected
+        first = status(mnt)
+        assert parallel_digests(mnt / snapshot_id, workers=2) == expected
+        second = status(mnt)
+    assert first["skip_open"] is second["skip_open"] is not fuse_open
+    # Not asserted: that the warm pass sends no READ. This machine's DAMON
+    # (kdamond, action pageout) drops clean page cache within seconds.
+    assert first["read_requests"] > 0
+    if fuse_open:
+        assert first["open_requests"] == second["open_requests"] - len(expected) == len(expected)
+    else:
+        # The first OPEN is answered ENOSYS (one per reader at most, if they
+        # race to it); after it the kernel opens files itself.
+        assert 1 <= first["open_requests"] == second["open_requests"] <= 2
+        assert first["inode_files"] > 0 and first["open_files"] == 0
+
+
 def test_writes_fail_with_erofs(sample: Path, file_store_url: str, tmp_path: Path):
     snapshot_id = push(str(sample), Repo.open(file_store_url)).snapshot_id
     with mounted(tmp_path / "mnt", file_store_url, tmp_path / "cache") as mnt:

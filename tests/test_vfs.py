@@ -160,6 +160,48 @@ def test_random_ranges_read_exact_bytes(pushed):
     run_fs(repo, tmp / "cache", body)
 
 
+def test_reads_by_inode_alone_keep_bounded_state(pushed):
+    """The kernel's no_open mode: reads name only the inode, never an open handle."""
+    src, repo, _store, snapshot_id, tmp = pushed
+    names = [b"large.bin", b"medium.bin", b"run.sh"] + [b"small files/img_%03d.jpg" % i for i in range(5)]
+    rng = random.Random(11)
+
+    async def body(fs: SnapshotFS, source: ObjectSource):
+        root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+        inos = {}
+        for name in names:
+            ino, attr = await resolve(fs, root.ino, name)
+            inos[name] = ino
+            data = (src / os.fsdecode(name)).read_bytes()
+            for _ in range(20):
+                offset = rng.randrange(0, len(data) + 10)
+                size = rng.choice([1, 4096, 131072, 1 << 20])
+                piece = await fs.read_file(await fs.inode_file(ino), offset, size)
+                assert piece == data[offset : offset + size], (name, offset, size)
+        # At most 3 files' state is kept, the most recently read; no open handles.
+        assert list(fs.inode_files) == [inos[n] for n in names[-3:]]
+        assert fs.stats()["inode_files"] == 3 and fs.stats()["open_files"] == 0
+        # An evicted file is read again as if new.
+        assert (
+            await fs.read_file(await fs.inode_file(inos[b"run.sh"]), 0, 100) == (src / "run.sh").read_bytes()
+        )
+        assert next(reversed(fs.inode_files)) == inos[b"run.sh"]
+        # The chunk bound: large.bin alone lists more chunks than allowed, so it
+        # stays only while it is the newest.
+        large = await fs.inode_file(inos[b"large.bin"])
+        assert len(large.chunks) > 4 and list(fs.inode_files) == [inos[b"large.bin"]]
+        await fs.inode_file(inos[b"medium.bin"])
+        assert list(fs.inode_files) == [inos[b"medium.bin"]]
+        # The kernel forgetting an inode drops its state.
+        fs.forget(inos[b"medium.bin"])
+        assert not fs.inode_files and fs._inode_file_chunks == 0
+        with pytest.raises(VfsError) as e:
+            await fs.inode_file(root.ino)
+        assert e.value.errno == errno.EISDIR
+
+    run_fs(repo, tmp / "cache", body, fs_kwargs={"inode_files": 3, "inode_file_chunks": 4})
+
+
 def test_errors_are_errnos(pushed):
     _src, repo, _store, snapshot_id, tmp = pushed
 
@@ -450,6 +492,44 @@ def test_cold_small_read_prefetches_its_siblings(tmp_path: Path):
 
     # A read served by the disk cache is not a cold read: it prefetches nothing.
     assert run_fs(repo, tmp_path / "cache", warm, fs_kwargs={"sibling_files": 8, "tree_prefetch": 0}) == 0
+
+
+def test_readahead_follows_each_sequential_reader_of_a_file(tmp_path: Path):
+    src = tmp_path / "src"
+    src.mkdir()
+    data = random.Random(3).randbytes(24 << 20)
+    (src / "big.bin").write_bytes(data)
+    store = SlowStore(str(tmp_path / "store"), delay=0)
+    repo = Repo(store)
+    snapshot_id = push(str(src), repo).snapshot_id
+
+    async def body(fs: SnapshotFS, source: ObjectSource):
+        root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+        ino, _attr = await resolve(fs, root.ino, b"big.bin")
+        handle = await fs.inode_file(ino)  # one state for every reader, as in no_open mode
+        n = len(handle.chunks)
+        assert n >= 16
+        keys = [fmt.object_key(chunk_id) for chunk_id, _ in handle.chunks]
+        # A lone read in the middle is not sequential: nothing is read ahead.
+        await fs.read_file(handle, handle.offsets[3] + 5, 4096)
+        await _settle(source)
+        assert source.counters.readahead_objects == 0
+        # Two readers, interleaved: one from the start, one from the middle.
+        mid = n // 2
+        pos = [0, handle.offsets[mid]]
+        for _ in range(3):
+            for r in (0, 1):
+                piece = await fs.read_file(handle, pos[r], 65536)
+                assert piece == data[pos[r] : pos[r] + 65536]
+                pos[r] += len(piece)
+        await _settle(source)
+        assert pos[1] < handle.offsets[mid + 1]  # the second reader is still in its first chunk
+        fetched = set(store.gets)
+        # Each reader has chunks ahead of it fetched, though neither read them.
+        assert keys[1] in fetched and keys[2] in fetched
+        assert keys[mid + 1] in fetched and keys[mid + 2] in fetched
+
+    run_fs(repo, tmp_path / "cache", body, fs_kwargs={"sibling_files": 0, "tree_prefetch": 0})
 
 
 async def _stall_cache_writes(source: ObjectSource) -> threading.Event:

@@ -64,6 +64,13 @@ def register(subparsers, common) -> None:
     p.add_argument(
         "--no-fsync", action="store_true", help="do not fsync cache files (faster, less crash-safe)"
     )
+    p.add_argument(
+        "--fuse-open",
+        action="store_true",
+        help="send every open() and close() of a file to the daemon. By default the kernel "
+        "opens files itself (no_open) when pyfuse3 has scripts/setup's patch, so a warm "
+        "re-read never reaches the daemon; this turns that off, for debugging",
+    )
     p.set_defaults(func=cmd_mount)
 
     p = subparsers.add_parser(
@@ -107,6 +114,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         fsync=not args.no_fsync,
         readahead=args.readahead,
         prefetch_siblings=args.prefetch_siblings,
+        skip_open=False if args.fuse_open else None,
     )
     return daemon.mount(config)
 

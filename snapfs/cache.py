@@ -534,9 +534,26 @@ class ObjectSource:
         self._nursery.start_soon(self._fly, object_id, what, expected_size, flight)
         return flight
 
+    def _maybe_cached(self, object_id: str) -> bool:
+        """False if the index says the disk cache lacks the object: a cold miss
+        then skips the disk thread's round trip (about 0.25 ms of CPU here, most
+        of it waking threads) and goes straight to the store.
+
+        An LMDB read on the trio thread: a lookup in a memory-mapped B-tree, a
+        few microseconds. Every cached file is indexed (insert takes a file the
+        index refuses back out), so "absent" is safe. A file that lost its entry
+        in a crash is fetched once more, and its insert indexes it again.
+        """
+        try:
+            return self.cache.index.contains(object_id)
+        except CacheIndexError:
+            return True  # ask the disk
+
     async def _fly(self, object_id: str, what: str, expected_size: int | None, flight: _Flight) -> None:
         try:
-            data = await self.disk_threads.run(self.cache.read, object_id)
+            data = None
+            if self._maybe_cached(object_id):
+                data = await self.disk_threads.run(self.cache.read, object_id)
             if data is not None:
                 self.counters.disk_hits += 1
             else:

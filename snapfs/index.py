@@ -118,6 +118,10 @@ class CacheIndex:
         size, atime, pins = _OBJ.unpack(raw)
         return IndexedObject(object_id, size, atime, pins)
 
+    def contains(self, object_id: str) -> bool:
+        with self._begin() as txn:
+            return txn.get(_key(object_id), db=self.objects) is not None
+
     def contains_many(self, object_ids: Iterable[str]) -> set[str]:
         with self._begin() as txn:
             return {oid for oid in object_ids if txn.get(_key(oid), db=self.objects) is not None}

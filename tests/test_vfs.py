@@ -244,6 +244,7 @@ def test_single_flight_one_fetch_for_many_readers(pushed):
             for _ in range(32):
                 nursery.start_soon(reader)
         assert len(set(results)) == 1 and len(results[0]) == attr.size
+        await _settle(source)  # sibling prefetches count their misses before their GETs
         chunk_gets = [k for k in store.gets if k.startswith("objects/")]
         assert len(chunk_gets) == len(set(chunk_gets)), "a chunk was fetched twice"
         assert source.counters.misses - misses_before == len(set(chunk_gets)) >= 1
@@ -338,6 +339,45 @@ def test_cache_serves_with_store_gone(pushed):
     os.rename(store.root, store.root + ".gone")
     # A new process-equivalent (fresh ObjectSource, empty memory) reads from disk only.
     assert run_fs(repo, tmp / "cache", read_everything) == (src / "large.bin").read_bytes()
+
+
+def test_a_miss_the_index_rules_out_skips_the_disk(pushed):
+    src, repo, store, snapshot_id, tmp = pushed
+    data = (src / "medium.bin").read_bytes()
+    chunk_id = repo.lookup_path(snapshot_id, "medium.bin").chunks[0][0]
+    disk_reads: list[str] = []
+
+    async def get_chunk(expect_store_get: bool) -> None:
+        cache = DiskCache(str(tmp / "cache"))
+        plain_read = cache.read
+        cache.read = lambda object_id: disk_reads.append(object_id) or plain_read(object_id)
+        store.gets.clear()
+        disk_reads.clear()
+        try:
+            async with ObjectSource(repo, cache) as source:
+                got = await source.get(chunk_id, "chunk")
+                assert data.startswith(got) and got
+        finally:
+            cache.close()
+        assert (fmt.object_key(chunk_id) in store.gets) is expect_store_get
+
+    # Cold: the index has no entry, so the disk is not asked; the store is.
+    trio.run(get_chunk, True)
+    assert disk_reads == []
+    # Cached and indexed: the disk is asked and answers; the store is not.
+    trio.run(get_chunk, False)
+    assert disk_reads == [chunk_id]
+    # A cached file whose index entry was lost (say, in a crash) is fetched
+    # once more, and caching it again restores the entry.
+    cache = DiskCache(str(tmp / "cache"))
+    cache.index.remove_many([chunk_id])
+    assert os.path.exists(cache.path(chunk_id)) and not cache.index.contains(chunk_id)
+    cache.close()
+    trio.run(get_chunk, True)
+    assert disk_reads == []
+    cache = DiskCache(str(tmp / "cache"))
+    assert cache.index.contains(chunk_id)
+    cache.close()
 
 
 def test_eviction_keeps_cache_under_limit(tmp_path: Path):

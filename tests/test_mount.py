@@ -72,6 +72,10 @@ def test_warm_rereads_skip_the_daemon(sample: Path, file_store_url: str, tmp_pat
         first = status(mnt)
         assert parallel_digests(mnt / snapshot_id, workers=2) == expected
         second = status(mnt)
+        opens_line = next(
+            line for line in snapfs("status", str(mnt)).stdout.splitlines() if line.startswith("opens")
+        )
+    assert ("sent to the daemon" if fuse_open else "no_open") in opens_line
     assert first["skip_open"] is second["skip_open"] is not fuse_open
     # Not asserted: that the warm pass sends no READ. This machine's DAMON
     # (kdamond, action pageout) drops clean page cache within seconds.

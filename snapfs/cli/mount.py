@@ -136,6 +136,14 @@ def _store_health(status: dict) -> str:
     return f"answering ({failed} reads failed at once during outages)" if failed else "answering"
 
 
+def _opens(status: dict) -> str:
+    if status.get("skip_open"):
+        return "skipped: the kernel opens files itself (no_open)"
+    if "open_requests" in status:  # a daemon from before no_open has neither field
+        return f"{status['open_requests']} sent to the daemon"
+    return "-"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .. import daemon  # lazy: trio and the daemon are not needed to parse arguments
 
@@ -168,6 +176,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         ("fetch errors", status["fetch_errors"]),
         ("store health", _store_health(status)),
         ("snapshots open", status["snapshots_open"]),
+        ("opens", _opens(status)),
         ("memory", f"{human_bytes(status['rss_bytes'])} RSS, {status['cpu_seconds']} CPU seconds"),
     ]
     width = max(len(k) for k, _ in rows)

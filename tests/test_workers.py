@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -138,3 +139,22 @@ def test_use_before_start_a_second_start_and_use_after_close_are_refused() -> No
             await pool.run(lambda: None)
 
     _run(main)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc to read thread names")
+def test_threads_carry_their_pool_name_in_the_kernel() -> None:
+    """top -H and perf show the kernel's name: each pool's threads must be told apart there."""
+
+    def kernel_name() -> str:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+            return f.read().strip()
+
+    async def main():
+        pool = WorkerThreads(2, "snapfs-fetch")
+        pool.start()
+        try:
+            return await pool.run(kernel_name)
+        finally:
+            pool.close()
+
+    assert _run(main) in ("snapfs-fetch-0", "snapfs-fetch-1")

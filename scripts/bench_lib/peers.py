@@ -71,12 +71,12 @@ def boto3_raw(ctx: Ctx) -> None:
         "boto3", "large_get", nbytes / seconds / MB, "MB/s", note + f", {s3raw.PART >> 20} MiB ranges"
     )
     drop_caches()
-    seconds, nbytes = s3raw.get_small(ctx.s3, bucket, small)
+    seconds, nbytes = s3raw.get_whole(ctx.s3, bucket, small)
     ctx.results.add("boto3", "small_get", len(small) / seconds, "objects/s", note)
     # Everything, large and small together: what a prewarm of the snapshot must fetch.
     drop_caches()
     t_large, b_large = s3raw.get_large(ctx.s3, bucket, large)
-    t_small, b_small = s3raw.get_small(ctx.s3, bucket, small)
+    t_small, b_small = s3raw.get_whole(ctx.s3, bucket, small)
     ctx.results.add("boto3", "all_get", (b_large + b_small) / (t_large + t_small) / MB, "MB/s", note)
 
 

@@ -55,6 +55,7 @@ SNAP_COLUMNS = [
     ("pull_s", "pull s"),
     ("prewarm", "prewarm MB/s"),
     ("large_get", "GET large MB/s"),
+    ("same_get", "GET chunks MB/s"),
     ("small_get", "GET small obj/s"),
     ("all_get", "GET all MB/s"),
     ("changed_mb", "changed MB"),
@@ -187,6 +188,16 @@ def targets(results: Results) -> list[Target]:
             g(snap, "large_cold"),
             floor,
             floor_label,
+            0.8,
+        )
+    )
+    out.append(
+        _ratio_at_least(
+            "cold large read vs GET of the same objects",
+            ">= 0.8x boto3 GET of the snapshot's chunk objects (issue 3)",
+            g(snap, "large_cold"),
+            g("boto3", "same_get"),
+            "boto3 GET chunks",
             0.8,
         )
     )

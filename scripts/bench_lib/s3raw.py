@@ -61,6 +61,14 @@ def upload_tree(s3, bucket: str, root: Path, rels: list[str], threads: int = THR
     return time.perf_counter() - start
 
 
+def list_objects(s3, bucket: str, prefix: str = "") -> list[tuple[str, int]]:
+    """(key, size) of every object under ``prefix``."""
+    out = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        out.extend((obj["Key"], obj["Size"]) for obj in page.get("Contents", []))
+    return out
+
+
 def bucket_bytes(s3, bucket: str) -> tuple[int, int]:
     """(total bytes, object count) stored in ``bucket``."""
     total = 0
@@ -94,8 +102,8 @@ def get_large(s3, bucket: str, objects: list[tuple[str, int]], threads: int = TH
     return time.perf_counter() - start, got
 
 
-def get_small(s3, bucket: str, keys: list[str], threads: int = THREADS) -> tuple[float, int]:
-    """One GET per small object, in parallel; (seconds, bytes)."""
+def get_whole(s3, bucket: str, keys: list[str], threads: int = THREADS) -> tuple[float, int]:
+    """One GET per object, in parallel; (seconds, bytes)."""
     start = time.perf_counter()
     got = sum(_pool_map(lambda key: _get_whole(s3, bucket, key), keys, threads))
     return time.perf_counter() - start, got

@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import CLEANUP, MB, REPO, SnapfsNotReady, abort_fuse, drop_caches, is_mounted, lazy_umount
 from . import s3raw
+from .common import CLEANUP, MB, REPO, SnapfsNotReady, abort_fuse, drop_caches, is_mounted, lazy_umount
 from .context import Ctx
 from .data import (
     SMALL_CHANGE_EVERY,
@@ -323,7 +323,9 @@ def get_same_objects(ctx: Ctx) -> None:
     bucket = ctx.bucket("snapfs")
     keys = [key for key, size in s3raw.list_objects(ctx.s3, bucket, "store/objects/") if size >= MIN_CHUNK]
     if not keys:
-        ctx.results.fail("boto3", "same_get", "no chunk objects of the minimum chunk size in the snapfs store")
+        ctx.results.fail(
+            "boto3", "same_get", "no chunk objects of the minimum chunk size in the snapfs store"
+        )
         return
     drop_caches()
     seconds, nbytes = s3raw.get_whole(ctx.s3, bucket, keys)

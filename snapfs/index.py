@@ -11,7 +11,9 @@ Databases:
     objects  object_id(32) -> size u64 | atime u64 (seconds) | pins u32
     lru      atime u64 | object_id(32) -> b""        (oldest first)
     pins     pin_name NUL object_id(32) -> b""       (what each pin holds)
-    meta     b"total" -> u64 bytes indexed; b"pinned" -> u64 bytes pinned
+    meta     b"total" -> u64 bytes indexed; b"pinned" -> u64 bytes pinned;
+             b"boot" -> the boot ID under which the ``unsynced`` entries were written
+    unsynced object_id(32) -> b""        (indexed, but the file may not be on disk yet)
     names    name -> snapshot_id (names never move, so they can be remembered offline)
     snaps    snapshot_id -> u64 last time it was prewarmed or opened by a mount
 """
@@ -59,9 +61,10 @@ class CacheIndex:
                 max_dbs=8,
                 max_readers=_MAX_READERS,
                 subdir=True,
-                # Durability of the index is not needed for correctness: the
-                # chunk files are the truth and are fsynced; a lost index entry
-                # only means an object is not counted until it is seen again.
+                # Durability of the index is not needed for correctness: an
+                # object counts as cached only once its file and its entry are
+                # both there, and a file without an entry is written again (see
+                # DiskCache). A lost entry costs a fetch, never a wrong byte.
                 sync=False,
                 metasync=False,
                 lock=True,
@@ -74,6 +77,7 @@ class CacheIndex:
         self.meta = self.env.open_db(b"meta")
         self.names = self.env.open_db(b"names")
         self.snaps = self.env.open_db(b"snaps")
+        self.unsynced = self.env.open_db(b"unsynced")
 
     def close(self) -> None:
         try:
@@ -140,15 +144,25 @@ class CacheIndex:
 
     # --- updates ---------------------------------------------------------
 
-    def add(self, object_id: str, size: int, pin: str | None = None) -> None:
+    def add(
+        self, object_id: str, size: int, pin: str | None = None, *, unsynced_boot: bytes | None = None
+    ) -> None:
         """Record an object after its file has been renamed into place."""
-        self.add_many([(object_id, size)], pin=pin)
+        self.add_many([(object_id, size)], pin=pin, unsynced_boot=unsynced_boot)
 
-    def add_many(self, items: Iterable[tuple[str, int]], pin: str | None = None) -> None:
+    def add_many(
+        self, items: Iterable[tuple[str, int]], pin: str | None = None, *, unsynced_boot: bytes | None = None
+    ) -> None:
+        """Record objects. With ``unsynced_boot`` (this boot's ID) their files are
+        not yet known to be on disk: they stay in ``unsynced`` until mark_synced."""
         now = int(time.time())
         with self._begin(write=True) as txn:
+            if unsynced_boot is not None and txn.get(b"boot", db=self.meta) != unsynced_boot:
+                txn.put(b"boot", unsynced_boot, db=self.meta)
             for object_id, size in items:
                 key = _key(object_id)
+                if unsynced_boot is not None:
+                    txn.put(key, b"", db=self.unsynced)
                 raw = txn.get(key, db=self.objects)
                 if raw is None:
                     pins = 0
@@ -183,24 +197,55 @@ class CacheIndex:
 
     def remove_many(self, object_ids: Iterable[str]) -> int:
         """Forget objects (their files are deleted by the caller); returns bytes freed."""
+        with self._begin(write=True) as txn:
+            return self._remove_in(txn, object_ids)
+
+    def _remove_in(self, txn, object_ids: Iterable[str]) -> int:
         freed = 0
+        for object_id in object_ids:
+            key = _key(object_id)
+            raw = txn.get(key, db=self.objects)
+            if raw is None:
+                continue
+            size, atime, pins = _OBJ.unpack(raw)
+            txn.delete(key, db=self.objects)
+            txn.delete(_U64.pack(atime) + key, db=self.lru)
+            txn.delete(key, db=self.unsynced)
+            self._add_total(txn, b"total", -size)
+            if pins:
+                self._add_total(txn, b"pinned", -size)
+                cursor = txn.cursor(db=self.pins)
+                for pin_key in [k for k, _ in cursor if k.endswith(b"\0" + key)]:
+                    txn.delete(pin_key, db=self.pins)
+            freed += size
+        return freed
+
+    # --- durability of the files (DiskCache.sync_pending) -------------------
+
+    def unsynced_ids(self) -> list[str]:
+        with self._begin() as txn:
+            return [key.hex() for key, _ in txn.cursor(db=self.unsynced)]
+
+    def mark_synced(self, object_ids: Iterable[str]) -> None:
         with self._begin(write=True) as txn:
             for object_id in object_ids:
-                key = _key(object_id)
-                raw = txn.get(key, db=self.objects)
-                if raw is None:
-                    continue
-                size, atime, pins = _OBJ.unpack(raw)
-                txn.delete(key, db=self.objects)
-                txn.delete(_U64.pack(atime) + key, db=self.lru)
-                self._add_total(txn, b"total", -size)
-                if pins:
-                    self._add_total(txn, b"pinned", -size)
-                    cursor = txn.cursor(db=self.pins)
-                    for pin_key in [k for k, _ in cursor if k.endswith(b"\0" + key)]:
-                        txn.delete(pin_key, db=self.pins)
-                freed += size
-        return freed
+                txn.delete(_key(object_id), db=self.unsynced)
+
+    def take_unsynced_from_another_boot(self, boot: bytes) -> list[str]:
+        """After a reboot: forget the objects whose files were never synced (a power
+        loss may have left them short or empty), in one transaction, and return
+        their IDs for the caller to delete the files. Empty when the entries are
+        this boot's: a crashed process leaves its writes in the page cache,
+        which the kernel still writes back."""
+        with self._begin(write=True) as txn:
+            stored = txn.get(b"boot", db=self.meta)
+            if stored is None or stored == boot:
+                return []
+            txn.put(b"boot", boot, db=self.meta)
+            ids = [key.hex() for key, _ in txn.cursor(db=self.unsynced)]
+            self._remove_in(txn, ids)
+            txn.drop(self.unsynced, delete=False)
+        return ids
 
     def eviction_candidates(self, bytes_needed: int, limit: int = 100_000) -> list[tuple[str, int]]:
         """Oldest unpinned objects adding up to at least ``bytes_needed``."""
@@ -298,5 +343,5 @@ class CacheIndex:
 
     def clear(self) -> None:
         with self._begin(write=True) as txn:
-            for db in (self.objects, self.lru, self.pins, self.meta, self.snaps):
+            for db in (self.objects, self.lru, self.pins, self.meta, self.snaps, self.unsynced):
                 txn.drop(db, delete=False)

@@ -85,7 +85,7 @@ def _tree_data(
 ) -> bytes:
     """A tree's (or chunk list's) verified bytes, from the cache or the store (and
     then cached, unless ``store`` is False); store fetches are noted in ``fetched``."""
-    data = cache.read(tree_id)
+    data = cache.read(tree_id) if cache.is_cached(tree_id) else None
     if data is None:
         data = repo.get_object(tree_id, what)
         fetched[tree_id] = len(data)
@@ -180,19 +180,16 @@ def plan(
             for chunk_id, length in chunks:
                 result.objects[chunk_id] = length
 
-    # The files are the truth, not the index: a file deleted behind the index's
-    # back (an operator's rm, a disk error) must be fetched again, or the mount
-    # would miss it after a "complete" prewarm. One stat per object is cheap
+    # An object counts as cached with both its index entry and its file. A file
+    # deleted behind the index's back (an operator's rm, a disk error) must be
+    # fetched again, or the mount would miss it after a "complete" prewarm; a
+    # file without an entry is not trusted (it may be a write a power loss cut
+    # short) and is fetched and written again. One stat per object is cheap
     # next to a fetch.
-    result.missing = {oid: size for oid, size in result.objects.items() if not cache.has(oid)}
-    if store_trees:
-        # A file present without an index entry (a crash between rename and index
-        # write) is adopted, so eviction and the totals see it.
-        indexed = cache.index.contains_many(result.objects)
-        unindexed = [(oid, size) for oid, size in result.objects.items() if oid not in indexed]
-        present = [(oid, size) for oid, size in unindexed if oid not in result.missing]
-        if present:
-            cache.index.add_many(present)
+    indexed = cache.index.contains_many(result.objects)
+    result.missing = {
+        oid: size for oid, size in result.objects.items() if oid not in indexed or not cache.has(oid)
+    }
     return result
 
 

@@ -37,7 +37,7 @@ import trio
 
 from . import snapdir as sd
 from .cache import DiskCache, ObjectSource
-from .errors import IntegrityError, NotFoundError, SnapfsError
+from .errors import CacheIndexError, IntegrityError, NotFoundError, SnapfsError
 from .format import MAX_CHUNK_SIZE, Entry
 from .snapdir_repo import SnapdirRepo, fetch_object_to_fd, too_large_error
 
@@ -69,7 +69,13 @@ def _map_file(path: str) -> mmap.mmap:
 
 def map_cached(cache: DiskCache, object_id: str) -> mmap.mmap | None:
     """A read-only map of the object's verified file in the disk cache, or None.
-    Blocking: call in a worker thread."""
+    Blocking: call in a worker thread. Only an indexed file is trusted (see
+    DiskCache.is_cached); an unindexed one is fetched and written again."""
+    try:
+        if not cache.index.contains(object_id):
+            return None
+    except CacheIndexError:
+        return None  # ask the store
     try:
         mapped = _map_file(cache.path(object_id))
     except FileNotFoundError:
@@ -82,7 +88,7 @@ def fetch_into_cache(repo: SnapdirRepo, cache: DiskCache, object_id: str) -> mma
     """Fetch the object into the disk cache; a read-only map of the verified file.
 
     Blocking: call in a worker thread. Same crash rules as DiskCache.insert:
-    temp file, fetched and verified, fsynced, renamed, then indexed.
+    temp file, fetched and verified, synced (DiskCache.sync_file), renamed, then indexed.
     """
     path = cache.path(object_id)
     # The object's own size, not the manifest's: the caller compares the two.
@@ -105,8 +111,7 @@ def fetch_into_cache(repo: SnapdirRepo, cache: DiskCache, object_id: str) -> mma
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         fetch_object_to_fd(repo.store, object_id, fd, size=size, jobs=_PARTS_PER_OBJECT)
-        if cache.fsync:
-            os.fsync(fd)
+        cache.sync_file(fd)
     except BaseException:
         os.close(fd)
         os.unlink(tmp)

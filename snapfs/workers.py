@@ -23,10 +23,7 @@ Each thread also carries its name in the kernel (``snapfs-fetch-3``), so
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import queue
-import sys
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -34,30 +31,11 @@ from typing import Any, TypeVar
 import outcome
 import trio
 
+from .linux import set_thread_name
+
 T = TypeVar("T")
 
 _QUEUED, _RUNNING, _DROPPED = range(3)
-_PR_SET_NAME = 15
-_KERNEL_NAME_MAX = 15  # bytes, without the terminating NUL
-
-
-def _libc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
-
-
-def set_kernel_thread_name(name: str) -> None:
-    """Name the calling thread for the kernel (truncated to 15 bytes). Best
-    effort: where prctl is missing the thread just keeps its process's name."""
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_NAME, name.encode("utf-8", "replace")[:_KERNEL_NAME_MAX], 0, 0, 0)
 
 
 class _Job:
@@ -122,7 +100,7 @@ class WorkerThreads:
     def _work(self) -> None:
         token = self._token
         assert token is not None
-        set_kernel_thread_name(threading.current_thread().name)
+        set_thread_name(threading.current_thread().name)
         while (job := self._queue.get()) is not None:
             with self._lock:
                 if job.state == _DROPPED:

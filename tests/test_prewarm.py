@@ -367,6 +367,24 @@ def test_prewarm_of_paths_fetches_only_those_subtrees(sample: Path, tmp_path: Pa
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_prewarm_rewrites_a_file_the_index_does_not_vouch_for(
+    sample: Path, tmp_path: Path, file_store_url: str
+):
+    """A power loss can leave a renamed cache file whose bytes never reached the disk
+    and whose index entry was lost. prewarm must fetch and write it again, not adopt it."""
+    repo = Repo.open(file_store_url)
+    snapshot_id = push(str(sample), repo).snapshot_id
+    chunk_id, length = repo.lookup_path(snapshot_id, "medium.bin").chunks[0]
+    cache = tmp_path / "cache"
+    torn = cache / "objects" / chunk_id[:2] / chunk_id[2:]
+    torn.parent.mkdir(parents=True)
+    torn.write_bytes(b"\0" * length)
+    summary, _ = prewarm_json(snapshot_id, "medium.bin", "--store", file_store_url, "--cache", str(cache))
+    assert summary["fetched_objects"] >= 1
+    assert torn.read_bytes() == repo.get_chunk(chunk_id, length)
+    assert chunk_id in cached_ids(cache)
+
+
 # --- pins ---------------------------------------------------------------------------
 
 

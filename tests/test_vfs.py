@@ -15,6 +15,7 @@ import trio
 from support.trees import make_mixed_tree
 
 from snapfs import format as fmt
+from snapfs import linux
 from snapfs.cache import DiskCache, ObjectSource
 from snapfs.errors import CacheFullError, IntegrityError, NotFoundError, SnapfsError, StoreUnavailableError
 from snapfs.hashing import hash_bytes
@@ -862,3 +863,127 @@ def test_a_walk_meets_prefetched_trees(tmp_path: Path):
     waited_off, gets_off, seen_off = walk(0, tmp_path / "cache-off")
     assert seen_off == seen and gets_off == dirs
     assert waited_off == [0] + [1] * (dirs - 1)
+
+
+# --- durability: cache files are synced in batches, and a reboot drops what was not ---
+
+needs_deferred_sync = pytest.mark.skipif(
+    not linux.can_syncfs() or linux.boot_id() is None,
+    reason="deferred sync needs Linux's boot_id and syncfs(2)",
+)
+
+
+def _blobs(n: int, seed: int = 0) -> list[tuple[str, bytes]]:
+    blobs = [random.Random(seed + i).randbytes(100_000) for i in range(n)]
+    return [(hash_bytes(b), b) for b in blobs]
+
+
+def _pretend_written_in_another_boot(directory: Path) -> None:
+    cache = DiskCache(str(directory))
+    with cache.index.env.begin(write=True) as txn:
+        txn.put(b"boot", b"a-boot-before-this-one", db=cache.index.meta)
+    cache.index.close()  # not cache.close(): that would sync, as a clean shutdown does
+
+
+@needs_deferred_sync
+def test_cache_files_are_synced_in_batches_and_then_unmarked(tmp_path: Path):
+    cache = DiskCache(str(tmp_path / "cache"))
+    try:
+        assert cache.defers_sync
+        objects = _blobs(3)
+        for object_id, blob in objects:
+            assert cache.insert(object_id, blob, verified=True)
+        assert sorted(cache.index.unsynced_ids()) == sorted(oid for oid, _ in objects)
+        assert cache.sync_pending() == 3
+        assert cache.index.unsynced_ids() == []
+        assert cache.sync_pending() == 0
+    finally:
+        cache.close()
+
+
+@needs_deferred_sync
+def test_a_reboot_drops_the_objects_never_synced_and_keeps_the_rest(tmp_path: Path):
+    directory = tmp_path / "cache"
+    (synced_id, synced), (lost_id, lost) = _blobs(2)
+    cache = DiskCache(str(directory))
+    assert cache.insert(synced_id, synced, pin="p")
+    cache.sync_pending()
+    assert cache.insert(lost_id, lost, pin="p")
+    # A power loss here: the process never closes the cache (close() would sync).
+    cache.index.close()
+
+    # Same boot (the daemon was killed, the kernel lives on): nothing is dropped.
+    cache = DiskCache(str(directory))
+    assert cache.is_cached(synced_id) and cache.is_cached(lost_id)
+    cache.index.close()
+
+    _pretend_written_in_another_boot(directory)
+    cache = DiskCache(str(directory))
+    try:
+        assert cache.is_cached(synced_id)
+        assert not cache.index.contains(lost_id) and not cache.has(lost_id)
+        total, pinned, count = cache.index.totals()
+        assert (total, pinned, count) == (len(synced), len(synced), 1)
+        assert cache.index.unsynced_ids() == []
+    finally:
+        cache.close()
+
+
+@needs_deferred_sync
+def test_a_clean_close_syncs_so_a_reboot_drops_nothing(tmp_path: Path):
+    directory = tmp_path / "cache"
+    cache = DiskCache(str(directory))
+    objects = _blobs(2, seed=10)
+    for object_id, blob in objects:
+        cache.insert(object_id, blob)
+    cache.close()
+    _pretend_written_in_another_boot(directory)
+    cache = DiskCache(str(directory))
+    try:
+        assert all(cache.is_cached(oid) for oid, _ in objects)
+    finally:
+        cache.close()
+
+
+def test_a_file_without_an_index_entry_is_written_again_not_trusted(tmp_path: Path):
+    """What a power loss can leave: a renamed file whose bytes never reached the disk
+    and whose (unsynced) index entry was lost. The next insert must replace it."""
+    cache = DiskCache(str(tmp_path / "cache"))
+    try:
+        [(object_id, blob)] = _blobs(1, seed=20)
+        path = Path(cache.path(object_id))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\0" * len(blob))
+        assert cache.has(object_id) and not cache.is_cached(object_id)
+        assert cache.insert(object_id, blob)
+        assert path.read_bytes() == blob and cache.is_cached(object_id)
+    finally:
+        cache.close()
+
+
+@needs_deferred_sync
+def test_the_mount_source_syncs_new_cache_files_in_the_background(pushed, monkeypatch):
+    import snapfs.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "SYNC_INTERVAL", 0.05)
+    src, repo, store, snapshot_id, tmp = pushed
+    chunk_id = repo.lookup_path(snapshot_id, "medium.bin").chunks[0][0]
+    cache = DiskCache(str(tmp / "cache"))
+    seen: list[list[str]] = []
+
+    async def main() -> None:
+        async with ObjectSource(repo, cache) as source:
+            await source.get(chunk_id, "chunk")
+            with trio.fail_after(10):
+                while True:
+                    await trio.sleep(0.02)
+                    unsynced = await trio.to_thread.run_sync(cache.index.unsynced_ids)
+                    seen.append(unsynced)
+                    if cache.index.contains(chunk_id) and not unsynced:
+                        return
+
+    try:
+        trio.run(main)
+    finally:
+        cache.close()
+    assert seen[-1] == []

@@ -62,7 +62,9 @@ def register(subparsers, common) -> None:
     )
     p.add_argument("--log-file", default=None, help="daemon log in the background (default: CACHE/mount.log)")
     p.add_argument(
-        "--no-fsync", action="store_true", help="do not fsync cache files (faster, less crash-safe)"
+        "--no-fsync",
+        action="store_true",
+        help="never sync cache files to disk; after a reboot, what was cached since the last boot is dropped",
     )
     p.add_argument(
         "--fuse-open",

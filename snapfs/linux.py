@@ -1,0 +1,64 @@
+"""The few Linux calls the standard library lacks, through ctypes; each is best effort.
+
+Where a call is missing (another OS, a libc without it) the function says so
+(``None`` or ``False``) and the caller keeps its portable path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+_PR_SET_NAME = 15
+_KERNEL_NAME_MAX = 15  # bytes, without the terminating NUL
+_BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def set_thread_name(name: str) -> None:
+    """Name the calling thread for the kernel (truncated to 15 bytes), as ``top -H``,
+    ``perf`` and ``/proc/PID/task/*/comm`` show it; Python 3.11 names threads
+    for itself only."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_NAME, name.encode("utf-8", "replace")[:_KERNEL_NAME_MAX], 0, 0, 0)
+
+
+def boot_id() -> bytes | None:
+    """This boot's random ID (it changes at every boot, clean or not), or None."""
+    try:
+        with open(_BOOT_ID, "rb") as f:
+            value = f.read().strip()
+    except OSError:
+        return None
+    return value or None
+
+
+def can_syncfs() -> bool:
+    return _LIBC is not None and hasattr(_LIBC, "syncfs")
+
+
+def syncfs(path: str) -> None:
+    """Write back every dirty page of the filesystem holding ``path`` and wait for it
+    (``syncfs(2)``): one call makes all the files written before it durable.
+    Raises OSError; call only when ``can_syncfs()``."""
+    assert _LIBC is not None
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _LIBC.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+    finally:
+        os.close(fd)

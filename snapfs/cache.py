@@ -156,6 +156,15 @@ class DiskCache:
         """Whether files are made durable in batches (sync_pending), not one fsync each."""
         return self.boot is not None
 
+    @property
+    def durability(self) -> str:
+        """How cache files reach the disk, for `snapfs status`."""
+        if not self.defers_sync:
+            return "fsync per file" if self.fsync else "never synced (--no-fsync)"
+        if not self.fsync:
+            return "never synced (--no-fsync): a reboot drops what was cached since the last boot"
+        return "synced in batches (syncfs)"
+
     def _drop_unsynced_from_before_reboot(self) -> None:
         try:
             lost = self.index.take_unsynced_from_another_boot(self.boot)
@@ -395,6 +404,8 @@ class Counters:
     fast_failures: int = 0
     #: Times a miss waited for cache writes to drain (WRITE_BACKLOG_BYTES).
     backlog_waits: int = 0
+    #: Periodic syncfs calls that failed (the objects stay unsynced: a reboot drops them).
+    cache_sync_failures: int = 0
 
 
 class UnavailableStreak:
@@ -534,6 +545,7 @@ class ObjectSource:
             try:
                 await self.write_threads.run(self.cache.sync_pending)
             except (OSError, CacheIndexError) as exc:
+                self.counters.cache_sync_failures += 1
                 if not failing:
                     log.warning(
                         "cannot sync cache %s: %s; a reboot will drop what it wrote",

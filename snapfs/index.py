@@ -183,12 +183,7 @@ class CacheIndex:
         """Move objects to the young end of the LRU (batched by the caller)."""
         now = int(when if when is not None else time.time())
         with self._begin(write=True) as txn:
-            for object_id in object_ids:
-                key = _key(object_id)
-                raw = txn.get(key, db=self.objects)
-                if raw is None:
-                    continue
-                size, atime, pins = _OBJ.unpack(raw)
+            for key, size, atime, pins in self._indexed(txn, object_ids):
                 if atime == now:
                     continue
                 txn.delete(_U64.pack(atime) + key, db=self.lru)
@@ -200,14 +195,17 @@ class CacheIndex:
         with self._begin(write=True) as txn:
             return self._remove_in(txn, object_ids)
 
-    def _remove_in(self, txn, object_ids: Iterable[str]) -> int:
-        freed = 0
+    def _indexed(self, txn, object_ids: Iterable[str]) -> Iterator[tuple[bytes, int, int, int]]:
+        """(key, size, atime, pins) of those of ``object_ids`` the index holds."""
         for object_id in object_ids:
             key = _key(object_id)
             raw = txn.get(key, db=self.objects)
-            if raw is None:
-                continue
-            size, atime, pins = _OBJ.unpack(raw)
+            if raw is not None:
+                yield (key, *_OBJ.unpack(raw))
+
+    def _remove_in(self, txn, object_ids: Iterable[str]) -> int:
+        freed = 0
+        for key, size, atime, pins in self._indexed(txn, object_ids):
             txn.delete(key, db=self.objects)
             txn.delete(_U64.pack(atime) + key, db=self.lru)
             txn.delete(key, db=self.unsynced)
@@ -221,6 +219,10 @@ class CacheIndex:
         return freed
 
     # --- durability of the files (DiskCache.sync_pending) -------------------
+
+    def unsynced_count(self) -> int:
+        with self._begin() as txn:
+            return txn.stat(self.unsynced)["entries"]
 
     def unsynced_ids(self) -> list[str]:
         with self._begin() as txn:

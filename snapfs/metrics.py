@@ -37,11 +37,19 @@ _COUNTERS = {
         "snapfs_backlog_waits",
         "Misses that waited for the cache disk: the write backlog was full",
     ),
+    "cache_sync_failures": (
+        "snapfs_cache_sync_failures",
+        "Periodic syncs of new cache files that failed; a reboot drops what they left unsynced",
+    ),
 }
 _GAUGES = {
     "cache_bytes": ("snapfs_cache_bytes", "Bytes in the node cache"),
     "cache_pinned_bytes": ("snapfs_cache_pinned_bytes", "Bytes pinned in the node cache"),
     "cache_objects": ("snapfs_cache_objects", "Objects in the node cache"),
+    "cache_unsynced_objects": (
+        "snapfs_cache_unsynced_objects",
+        "Cached objects not yet synced to disk (a reboot before the next sync drops them)",
+    ),
     "cache_limit_bytes": ("snapfs_cache_limit_bytes", "The cache size limit"),
     "rss_bytes": ("snapfs_daemon_rss_bytes", "Resident memory of the daemon"),
     "snapshots_open": ("snapfs_snapshots_open", "Snapshots opened during this mount"),

@@ -14,6 +14,7 @@ from support.mounts import alive, fuse_missing, mounted, parallel_digests, snapf
 from support.trees import file_digests, make_mixed_tree
 
 from snapfs import format as fmt
+from snapfs.cache import DiskCache
 from snapfs.repo import Repo
 from snapfs.snapshot import push
 
@@ -57,6 +58,19 @@ def test_readers_in_other_processes_see_exact_bytes(sample: Path, store_url: str
         assert snapshot_id in os.listdir(mnt)
         counters = status(mnt)
         assert counters["misses"] > 0 and counters["verify_failures"] == 0 and counters["fetch_errors"] == 0
+        durability_line = next(
+            line for line in snapfs("status", str(mnt)).stdout.splitlines() if line.startswith("durability")
+        )
+    # The unmount synced what the mount cached: a reboot now would drop nothing.
+    cache = DiskCache(str(tmp_path / "cache"))
+    try:
+        assert cache.index.totals()[2] > 0
+        if cache.defers_sync:
+            assert counters["cache_durability"].startswith("synced in batches")
+            assert "objects not yet synced" in durability_line
+            assert cache.index.unsynced_count() == 0
+    finally:
+        cache.close()
 
 
 @pytest.mark.parametrize("fuse_open", [False, True], ids=["kernel-opens", "daemon-opens"])

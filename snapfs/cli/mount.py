@@ -138,6 +138,14 @@ def _store_health(status: dict) -> str:
     return f"answering ({failed} reads failed at once during outages)" if failed else "answering"
 
 
+def _durability(status: dict) -> str:
+    if "cache_durability" not in status:  # a daemon from before batched syncs
+        return "-"
+    text = f"{status['cache_durability']}; {status['cache_unsynced_objects']} objects not yet synced"
+    failed = status["cache_sync_failures"]
+    return text + (f", {failed} syncs failed" if failed else "")
+
+
 def _opens(status: dict) -> str:
     if status.get("skip_open"):
         return "skipped: the kernel opens files itself (no_open)"
@@ -172,6 +180,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "hits",
             f"{status['hits']} ({hit_rate}; {status['memory_hits']} memory, {status['disk_hits']} disk)",
         ),
+        ("durability", _durability(status)),
         ("misses", status["misses"]),
         ("fetched", f"{human_bytes(status['fetched_bytes'])} in {status['fetched_objects']} objects"),
         ("verify failures", status["verify_failures"]),

@@ -83,6 +83,8 @@ WRITE_BACKLOG_BYTES = 64 << 20
 #: (DiskCache.sync_pending). After a power loss, at most this much of the
 #: cache's newest objects is dropped and fetched again.
 SYNC_INTERVAL = 10.0
+#: Unsynced index keys handled per syncfs (32 bytes each).
+SYNC_PAGE = 50_000
 
 
 def _writer_alive(temp_name: str) -> bool:
@@ -195,13 +197,20 @@ class DiskCache:
         filesystem; that is writeback the kernel would do within 30 s anyway."""
         if not (self.defers_sync and self.fsync):
             return 0
+        synced = 0
         with self._sync_lock:  # one syncfs at a time is enough
-            pending = self.index.unsynced_ids()
-            if not pending:
-                return 0
-            syncfs(self.objects_dir)
-            self.index.mark_synced(pending)
-            return len(pending)
+            # In pages, so that a mount filling the cache with a million tiny
+            # files never holds a million keys at once. Keys are read before the
+            # syncfs that covers them; a later page costs one more, cheap, call.
+            while True:
+                pending = self.index.unsynced_keys(limit=SYNC_PAGE)
+                if not pending:
+                    return synced
+                syncfs(self.objects_dir)
+                self.index.mark_synced_keys(pending)
+                synced += len(pending)
+                if len(pending) < SYNC_PAGE:
+                    return synced
 
     def path(self, object_id: str) -> str:
         return os.path.join(self.objects_dir, object_id[:2], object_id[2:])

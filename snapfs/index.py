@@ -225,13 +225,25 @@ class CacheIndex:
             return txn.stat(self.unsynced)["entries"]
 
     def unsynced_ids(self) -> list[str]:
+        return [key.hex() for key in self.unsynced_keys()]
+
+    def unsynced_keys(self, limit: int | None = None) -> list[bytes]:
+        """Raw keys of (up to ``limit``) unsynced objects, in key order."""
         with self._begin() as txn:
-            return [key.hex() for key, _ in txn.cursor(db=self.unsynced)]
+            out = []
+            for key, _ in txn.cursor(db=self.unsynced):
+                if limit is not None and len(out) >= limit:
+                    break
+                out.append(key)
+            return out
 
     def mark_synced(self, object_ids: Iterable[str]) -> None:
+        self.mark_synced_keys(_key(object_id) for object_id in object_ids)
+
+    def mark_synced_keys(self, keys: Iterable[bytes]) -> None:
         with self._begin(write=True) as txn:
-            for object_id in object_ids:
-                txn.delete(_key(object_id), db=self.unsynced)
+            for key in keys:
+                txn.delete(key, db=self.unsynced)
 
     def take_unsynced_from_another_boot(self, boot: bytes) -> list[str]:
         """After a reboot: forget the objects whose files were never synced (a power

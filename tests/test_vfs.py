@@ -987,3 +987,20 @@ def test_the_mount_source_syncs_new_cache_files_in_the_background(pushed, monkey
     finally:
         cache.close()
     assert seen[-1] == []
+
+
+@needs_deferred_sync
+def test_syncs_go_in_pages_and_leave_nothing_behind(tmp_path: Path, monkeypatch):
+    import snapfs.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "SYNC_PAGE", 2)
+    cache = DiskCache(str(tmp_path / "cache"))
+    try:
+        objects = _blobs(5, seed=30)
+        for object_id, blob in objects:
+            cache.insert(object_id, blob)
+        assert cache.index.unsynced_count() == 5
+        assert cache.sync_pending() == 5
+        assert cache.index.unsynced_count() == 0
+    finally:
+        cache.close()

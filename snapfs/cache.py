@@ -159,6 +159,11 @@ class DiskCache:
         return self.boot is not None
 
     @property
+    def syncs_in_batches(self) -> bool:
+        """Whether sync_pending has work to do: deferred durability, and syncing on."""
+        return self.defers_sync and self.fsync
+
+    @property
     def durability(self) -> str:
         """How cache files reach the disk, for `snapfs status`."""
         if not self.defers_sync:
@@ -173,11 +178,7 @@ class DiskCache:
         except CacheIndexError as exc:
             # Stop trusting the cache rather than serve what may be torn.
             raise SnapfsError(f"cannot check cache {self.directory} after a reboot: {exc}") from exc
-        for object_id in lost:
-            try:
-                os.unlink(self.path(object_id))
-            except FileNotFoundError:
-                pass
+        self._unlink_files(lost)
         if lost:
             log.warning(
                 "dropped %d objects cached in %s before the last reboot but never synced to disk; "
@@ -195,7 +196,7 @@ class DiskCache:
         waiting for room), and most of what one syncfs flushes the kernel has
         written back already. syncfs also flushes other dirty files on the same
         filesystem; that is writeback the kernel would do within 30 s anyway."""
-        if not (self.defers_sync and self.fsync):
+        if not self.syncs_in_batches:
             return 0
         synced = 0
         with self._sync_lock:  # one syncfs at a time is enough
@@ -256,6 +257,14 @@ class DiskCache:
     def is_cached(self, object_id: str) -> bool:
         """Indexed and present: the only state in which the file is trusted."""
         return self.index.contains(object_id) and self.has(object_id)
+
+    def indexed(self, object_id: str) -> bool:
+        """Whether the index vouches for the object's file. An index that cannot
+        be read vouches for nothing: the caller asks the store."""
+        try:
+            return self.index.contains(object_id)
+        except CacheIndexError:
+            return False
 
     def touch(self, object_id: str) -> None:
         with self._touch_lock:
@@ -376,11 +385,7 @@ class DiskCache:
             return 0
         self.flush_touches()
         victims = self.index.eviction_candidates(bytes_needed)
-        for object_id, _size in victims:
-            try:
-                os.unlink(self.path(object_id))
-            except FileNotFoundError:
-                pass
+        self._unlink_files(oid for oid, _size in victims)
         freed = self.index.remove_many(oid for oid, _ in victims)
         if freed:
             log.info("evicted %d objects (%d bytes) from %s", len(victims), freed, self.directory)
@@ -388,12 +393,15 @@ class DiskCache:
 
     def remove(self, object_ids: Iterable[str]) -> int:
         ids = list(object_ids)
-        for object_id in ids:
+        self._unlink_files(ids)
+        return self.index.remove_many(ids)
+
+    def _unlink_files(self, object_ids: Iterable[str]) -> None:
+        for object_id in object_ids:
             try:
                 os.unlink(self.path(object_id))
             except FileNotFoundError:
                 pass
-        return self.index.remove_many(ids)
 
 
 @dataclass
@@ -515,7 +523,7 @@ class ObjectSource:
         for pool in self._pools:
             pool.start()
         self._nursery.start_soon(self._flush_touches_forever)
-        if self.cache.defers_sync and self.cache.fsync:
+        if self.cache.syncs_in_batches:
             self._nursery.start_soon(self._sync_forever)
         return self
 
@@ -667,10 +675,7 @@ class ObjectSource:
         index refuses back out), so "absent" is safe. A file that lost its entry
         in a crash is fetched once more, and its insert writes it again.
         """
-        try:
-            return self.cache.index.contains(object_id)
-        except CacheIndexError:
-            return False  # only an indexed file is trusted: ask the store
+        return self.cache.indexed(object_id)
 
     async def _fly(self, object_id: str, what: str, expected_size: int | None, flight: _Flight) -> None:
         try:

@@ -154,7 +154,7 @@ class CacheIndex:
         self, items: Iterable[tuple[str, int]], pin: str | None = None, *, unsynced_boot: bytes | None = None
     ) -> None:
         """Record objects. With ``unsynced_boot`` (this boot's ID) their files are
-        not yet known to be on disk: they stay in ``unsynced`` until mark_synced."""
+        not yet known to be on disk: they stay in ``unsynced`` until mark_synced_keys."""
         now = int(time.time())
         with self._begin(write=True) as txn:
             if unsynced_boot is not None and txn.get(b"boot", db=self.meta) != unsynced_boot:
@@ -236,9 +236,6 @@ class CacheIndex:
                     break
                 out.append(key)
             return out
-
-    def mark_synced(self, object_ids: Iterable[str]) -> None:
-        self.mark_synced_keys(_key(object_id) for object_id in object_ids)
 
     def mark_synced_keys(self, keys: Iterable[bytes]) -> None:
         with self._begin(write=True) as txn:

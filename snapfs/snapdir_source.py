@@ -37,7 +37,7 @@ import trio
 
 from . import snapdir as sd
 from .cache import DiskCache, ObjectSource
-from .errors import CacheIndexError, IntegrityError, NotFoundError, SnapfsError
+from .errors import IntegrityError, NotFoundError, SnapfsError
 from .format import MAX_CHUNK_SIZE, Entry
 from .snapdir_repo import SnapdirRepo, fetch_object_to_fd, too_large_error
 
@@ -71,10 +71,7 @@ def map_cached(cache: DiskCache, object_id: str) -> mmap.mmap | None:
     """A read-only map of the object's verified file in the disk cache, or None.
     Blocking: call in a worker thread. Only an indexed file is trusted (see
     DiskCache.is_cached); an unindexed one is fetched and written again."""
-    try:
-        if not cache.index.contains(object_id):
-            return None
-    except CacheIndexError:
+    if not cache.indexed(object_id):
         return None  # ask the store
     try:
         mapped = _map_file(cache.path(object_id))

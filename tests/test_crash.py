@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -115,6 +116,7 @@ def kill_while_writing(pid: int, dirs: list[Path], timeout: float = 60.0) -> Pat
                 if not name.startswith(prefix):
                     continue
                 os.kill(pid, signal.SIGSTOP)
+                _wait_stopped(pid)
                 path = watches[wd] / os.fsdecode(name)
                 if path.exists():
                     os.kill(pid, signal.SIGKILL)
@@ -124,6 +126,26 @@ def kill_while_writing(pid: int, dirs: list[Path], timeout: float = 60.0) -> Pat
         raise AssertionError(f"no temp file of {pid} caught within {timeout}s")
     finally:
         os.close(fd)
+
+
+def _wait_stopped(pid: int, timeout: float = 20.0) -> None:
+    """Wait until every thread of ``pid`` has stopped. kill(SIGSTOP) returns before
+    they all have: a writer thread can still rename its temp file meanwhile, and
+    since cache files are no longer fsynced one by one that window is a few
+    microseconds wide, so the file checked would be gone by the SIGKILL."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = []
+        for task in glob.glob(f"/proc/{pid}/task/*/stat"):
+            try:
+                with open(task) as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+            except (OSError, IndexError):
+                continue  # the thread is gone
+        if all(state in ("T", "t", "Z", "X") for state in states):
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} did not stop within {timeout}s of SIGSTOP")
 
 
 def _wait_dead(pid: int, timeout: float = 20.0) -> None:

@@ -31,6 +31,7 @@ import trio
 
 from .cache import DiskCache, ObjectSource
 from .errors import CacheIndexError, MountError, NotFoundError, SnapfsError, UsageError
+from .linux import ensure_fusectl
 from .repo import Repo
 from .store import LocalStore
 
@@ -183,8 +184,10 @@ MAX_BACKGROUND = 64
 
 def set_max_background(mountpoint: str, requests: int) -> None:
     """Let the kernel keep more readahead requests in flight to this mount
-    (fusectl's max_background; congestion starts at 3/4 of it). Root only, and
-    only where fusectl is mounted; otherwise the kernel default stays."""
+    (fusectl's max_background; congestion starts at 3/4 of it). Root only;
+    fusectl is mounted first where nothing did (a container without systemd).
+    Otherwise the kernel default stays."""
+    ensure_fusectl()
     directory = f"/sys/fs/fuse/connections/{os.minor(os.stat(mountpoint).st_dev)}"
     if _set_kernel_knob(f"{directory}/max_background", requests):
         _set_kernel_knob(f"{directory}/congestion_threshold", requests * 3 // 4)

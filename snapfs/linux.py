@@ -62,3 +62,22 @@ def syncfs(path: str) -> None:
             raise OSError(err, os.strerror(err), path)
     finally:
         os.close(fd)
+
+
+FUSECTL = "/sys/fs/fuse/connections"
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
+
+
+def ensure_fusectl() -> bool:
+    """Mount fusectl at /sys/fs/fuse/connections if it is not mounted yet (root
+    only); True if it is mounted afterwards. systemd mounts it at boot; a
+    container or a minimal init does not, and then every per-connection knob
+    (max_background, abort) is missing."""
+    if os.path.ismount(FUSECTL):
+        return True
+    if _LIBC is None or not os.path.isdir(FUSECTL) or os.geteuid() != 0:
+        return False
+    flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
+    if _LIBC.mount(b"fusectl", FUSECTL.encode(), b"fusectl", flags, None) != 0:
+        return os.path.ismount(FUSECTL)  # another mount may have raced us to it
+    return True

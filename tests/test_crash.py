@@ -247,11 +247,20 @@ def test_kill_9_prewarm_mid_write_then_rerun_resumes(s3_store_url: str, s3_proxy
         proc.wait(timeout=30)
     assert torn.exists() and proc.returncode == -signal.SIGKILL
     s3_proxy.clear()
-    before = {p.name for d in dirs for p in d.iterdir() if not p.name.startswith(".tmp-")}
+    # What the killed prewarm cached: files the index vouches for. A file renamed
+    # into place but not yet indexed is written again by design (an unindexed file
+    # is never trusted), and with 32 fetch threads queued on LMDB's one writer,
+    # several can be in that state at the kill.
+    cached = DiskCache(str(cache))
+    try:
+        before = {d.name + p.name for d in dirs for p in d.iterdir() if not p.name.startswith(".tmp-")}
+        vouched = {object_id for object_id in before if cached.indexed(object_id)}
+    finally:
+        cached.close()
     result = cli("prewarm", *args, "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["ok"] and summary["already_cached_objects"] >= len(before) - 1
+    assert summary["ok"] and summary["already_cached_objects"] >= len(vouched)
     assert temp_files(cache) == [], "the rerun must sweep the dead prewarm's temp files"
     report = cache_verify(cache)
     assert report["bad"] == [] and report["checked"] == summary["objects"]

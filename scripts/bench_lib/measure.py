@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .common import MB, Results, drop_caches, tree_stats
 from .data import DataSet
+from .folios import large_folio_share
 from .readers import read_parallel, shuffled, time_command
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,11 @@ def measure_tree(
         "MB/s",
         f"{cfg.large_readers} readers, best of {passes}, each reading the set {repeats}x",
     )
+    if paired:
+        # Only where the mount is ours: touching an uncached page of a peer's
+        # mount would read it, and a failed read there is a SIGBUS.
+        _record_folios(results, tool, _paths(root, ds.rel(ds.large)))
+        _record_folios(results, "native", [str(p) for p in ds.large])
     if has_cache:
         cached, passes = _best_after_drop(lambda: _large(root, ds, cfg))
         results.add(
@@ -229,6 +235,14 @@ def measure_tree(
 
     if pids is not None:
         record_daemon(results, tool, pids())
+
+
+def _record_folios(results: Results, tool: str, paths: list[str]) -> None:
+    """The share of the large files' page cache in large folios, right after the
+    warm passes (see bench_lib.folios): what a warm re-read walks."""
+    share = large_folio_share(paths)
+    if share is not None:
+        results.add(tool, "large_folios", 100 * share, "%", "page cache of the large files in large folios")
 
 
 def record_daemon(results: Results, tool: str, pids: list[int], when: str = "after the reads") -> None:

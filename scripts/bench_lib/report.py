@@ -34,6 +34,7 @@ TOOL_ORDER = [
 READ_COLUMNS = [
     ("large_cold", "large cold MB/s"),
     ("large_warm", "large warm MB/s"),
+    ("large_folios", "large folios %"),
     ("large_cache", "large cache MB/s"),
     ("small_cold_1r", "small cold 1r files/s"),
     ("small_cold_8r", "small cold 8r files/s"),

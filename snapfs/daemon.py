@@ -330,7 +330,7 @@ class Daemon:
             ops = self.ops = fuseops.Operations(self.fs, self.status, skip_open=self.config.skip_open)
             if not ops.skip_open and self.config.skip_open is None:
                 log.warning(
-                    "pyfuse3 lacks read_noopen (scripts/pyfuse3-noopen.patch): every open() "
+                    "pyfuse3 lacks read_noopen (scripts/pyfuse3.patch): every open() "
                     "of a file costs a round trip through the daemon; scripts/setup installs it"
                 )
             options = fuseops.mount_options(allow_other=self.config.allow_other)

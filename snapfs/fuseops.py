@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 STATUS_XATTR = b"user.snapfs.status"
 FUSEError = pyfuse3.FUSEError
-#: pyfuse3 built with scripts/pyfuse3-noopen.patch (scripts/setup does) hands a
+#: pyfuse3 built with scripts/pyfuse3.patch (scripts/setup does) hands a
 #: read without a file handle to ``read_noopen`` with its inode. Then open() can
 #: answer ENOSYS: the kernel stops sending OPEN and RELEASE for good (no_open)
 #: and keeps each file's page cache across opens, so a warm open/read/close

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import importlib.metadata
 import os
+import re
 import signal
 import subprocess
 import time
@@ -17,6 +19,8 @@ from snapfs import format as fmt
 from snapfs.cache import DiskCache
 from snapfs.repo import Repo
 from snapfs.snapshot import push
+
+REPO = Path(__file__).resolve().parent.parent
 
 _reason = fuse_missing()
 if _reason and os.environ.get("CI"):
@@ -77,7 +81,10 @@ def test_readers_in_other_processes_see_exact_bytes(sample: Path, store_url: str
 def test_warm_rereads_skip_the_daemon(sample: Path, file_store_url: str, tmp_path: Path, fuse_open: bool):
     from snapfs.fuseops import KERNEL_CAN_SKIP_OPEN
 
-    assert KERNEL_CAN_SKIP_OPEN, "pyfuse3 lacks scripts/pyfuse3-noopen.patch; run scripts/setup"
+    assert KERNEL_CAN_SKIP_OPEN, "pyfuse3 lacks scripts/pyfuse3.patch; run scripts/setup"
+    # The patch level install-pyfuse3 builds: an older build lacks the GIL-free read reply.
+    level = re.search(r"^PATCH_LEVEL=(\S+)$", (REPO / "scripts" / "install-pyfuse3").read_text(), re.M)
+    assert level and importlib.metadata.version("pyfuse3").endswith("+" + level[1]), "run scripts/setup"
     snapshot_id = push(str(sample), Repo.open(file_store_url)).snapshot_id
     expected = file_digests(sample)
     extra = ("--fuse-open",) if fuse_open else ()

@@ -223,7 +223,9 @@ def test_kill_9_daemon_mid_fetch_and_write_then_restart_is_consistent(
 
 @pytest.mark.s3
 def test_kill_9_prewarm_mid_write_then_rerun_resumes(s3_store_url: str, s3_proxy: FaultProxy, tmp_path: Path):
-    src = make_data(tmp_path / "src", 2)
+    # Large chunks: a temp file lives while its bytes are written (no fsync per file
+    # since syncs are batched), and a 1-4 MiB write is a window the kill can hit.
+    src = make_data(tmp_path / "src", 2, large_mib=48)
     repo = Repo.open(s3_store_url)
     snapshot_id = push(str(src), repo).snapshot_id
     cache = tmp_path / "cache"

@@ -32,7 +32,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
@@ -657,22 +657,6 @@ class ObjectSource:
         assert self._nursery is not None
         self._nursery.start_soon(release_when_done)
         return True
-
-    async def fetched(self, object_id: str) -> bytes | None:
-        """The verified bytes of an object in memory, or of one in flight once its
-        fetch ends; None if it is neither, or its fetch failed. Starts nothing:
-        for work that follows a prefetch (the mount's page-cache pushes)."""
-        flight = self._flights.get(object_id)
-        if flight is not None:
-            await flight.done.wait()
-            return flight.data if flight.error is None else None
-        data = self._memory.get(object_id)
-        return data if data is not None else self._unwritten.get(object_id)
-
-    def start_soon(self, async_fn: Callable[..., Awaitable[object]], *args: object) -> None:
-        """Run a background task for as long as this source is open (its nursery)."""
-        assert self._nursery is not None, "ObjectSource used outside its async context"
-        self._nursery.start_soon(async_fn, *args)
 
     def _start(self, object_id: str, what: str, expected_size: int | None) -> _Flight:
         flight = _Flight()

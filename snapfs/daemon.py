@@ -326,8 +326,6 @@ class Daemon:
                 tree_loader=getattr(source, "load_tree", None),
                 sibling_files=self.config.prefetch_siblings,
                 tree_prefetch=min(self.config.prefetch_siblings, TREE_PREFETCH),
-                # snapdir stores' sources serve whole snapdir objects, not chunks.
-                kernel_store=fuseops.store_in_kernel if source_class is ObjectSource else None,
             )
             ops = self.ops = fuseops.Operations(self.fs, self.status, skip_open=self.config.skip_open)
             if not ops.skip_open and self.config.skip_open is None:

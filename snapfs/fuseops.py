@@ -215,22 +215,6 @@ class Operations(pyfuse3.Operations):
         raise FUSEError(errno.EROFS)
 
 
-def store_in_kernel(inode: int, data: bytes) -> bool:
-    """Put a whole file's bytes into the kernel's page cache (FUSE_NOTIFY_STORE),
-    marked up to date: reads of it then never reach the daemon. Only verified
-    bytes may come here. Blocks (without the GIL) while the kernel is reading
-    the same pages through this daemon, so call it on a worker thread, never
-    the trio thread. False if the kernel refused, above all because it does
-    not hold the inode (ENOENT)."""
-    try:
-        pyfuse3.notify_store(inode, 0, data)
-    except OSError as exc:
-        if exc.errno != errno.ENOENT:
-            log.debug("cannot store inode %d in the page cache: %s", inode, exc)
-        return False
-    return True
-
-
 def mount_options(*, allow_other: bool) -> set[str]:
     options = set(pyfuse3.default_options)  # includes default_permissions
     # auto_unmount: fusermount3 unmounts if the daemon dies, even by kill -9,

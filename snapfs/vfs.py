@@ -72,14 +72,6 @@ TREE_PREFETCH = 16
 # and by chunk references (a 1 TiB file alone lists a million chunks).
 INODE_FILES = 4096
 INODE_FILE_CHUNKS = 1 << 18
-# Prefetched small files of a directory the kernel has listed (readdir, which
-# FUSE answers with READDIRPLUS: every entry's inode is then known to the
-# kernel) are pushed into the kernel's page cache as they land
-# (FUSE_NOTIFY_STORE), so a dataloader that lists its directories first, as
-# ImageFolder-style datasets do, reads them without a LOOKUP or a READ reaching
-# the daemon. Inodes pushed are remembered, up to this many, so a file is
-# pushed once.
-PUSHED_INODES = 1 << 16
 
 
 def _moves(name: str) -> bool:
@@ -115,7 +107,6 @@ class DirSlot:
     path: bytes  # inside the snapshot, for log lines
     parent_ino: int
     subdirs: int  # for nlink, known from the parent's entry without fetching this tree
-    listed: bool = False  # readdir ran on it: the kernel knows its entries' inodes
 
 
 class _Tree:
@@ -141,10 +132,6 @@ class OpenFile:
     streams: list[list[int]] = field(default_factory=list)
 
 
-#: (inode, bytes) -> whether the kernel took them: puts a whole file's verified
-#: bytes into the kernel's page cache (fuseops.store_in_kernel). Blocking; run
-#: on a thread of its own (see _push_to_kernel).
-KernelStore = Callable[[int, bytes], bool]
 NameResolver = Callable[[str], Awaitable[str | None]]
 NameLister = Callable[[], Awaitable[list[str]]]
 #: (tree_id, description for errors) -> decoded entries, for sources whose
@@ -167,14 +154,8 @@ class SnapshotFS:
         tree_prefetch: int = TREE_PREFETCH,
         inode_files: int = INODE_FILES,
         inode_file_chunks: int = INODE_FILE_CHUNKS,
-        kernel_store: KernelStore | None = None,
     ) -> None:
         self.source = source
-        self.kernel_store = kernel_store
-        self._pushed: OrderedDict[int, None] = OrderedDict()  # inodes whose bytes the kernel holds
-        self.kernel_pushes = 0
-        self.kernel_push_misses = 0
-        self._push_limiter = trio.CapacityLimiter(2)
         self.sibling_files = sibling_files
         self.tree_prefetch = tree_prefetch
         self.tree_loader = tree_loader
@@ -438,7 +419,6 @@ class SnapshotFS:
             raise VfsError(errno.ENOTDIR)
         slot = self._slot(ino)
         tree = await self._slot_tree(slot)
-        slot.listed = True
         out = []
         for index in range(start, len(tree.entries)):
             out.append((tree.entries[index].name, await self._child_attr(ino, index), index + 1))
@@ -546,7 +526,6 @@ class SnapshotFS:
 
     def forget(self, ino: int) -> None:
         """The kernel dropped an inode: drop its read state too."""
-        self._pushed.pop(ino, None)  # and its page cache with it
         handle = self.inode_files.pop(ino, None)
         if handle is not None:
             self._inode_file_chunks -= len(handle.chunks)
@@ -654,12 +633,10 @@ class SnapshotFS:
             return
         index = (handle.ino & INDEX_MASK) - 1
         n = len(tree.entries)
-        push = self.kernel_store is not None and slot.listed
         files = budget = 0
         # Bounded scan: a directory of many subdirectories must not make each cold read O(n).
         for step in range(1, min(n, 16 * self.sibling_files)):
-            sibling = (index + step) % n
-            entry = tree.entries[sibling]
+            entry = tree.entries[(index + step) % n]
             if not entry.is_file or entry.chunklist_id is not None or len(entry.chunks) != 1:
                 continue
             if entry.size > SIBLING_FILE_MAX:
@@ -667,35 +644,10 @@ class SnapshotFS:
             chunk_id, length = entry.chunks[0]
             if not self.source.prefetch(chunk_id, "chunk", length):
                 break  # prefetch slots are full: the store is busy enough
-            ino = (handle.ino & ~INDEX_MASK) | (sibling + 1)
-            if push and ino not in self._pushed:
-                self._pushed[ino] = None
-                if len(self._pushed) > PUSHED_INODES:
-                    self._pushed.popitem(last=False)
-                self.source.start_soon(self._push_to_kernel, ino, chunk_id)
             files += 1
             budget += length
             if files >= self.sibling_files or budget >= SIBLING_BYTES:
                 break
-
-    async def _push_to_kernel(self, ino: int, chunk_id: str) -> None:
-        """Once a listed sibling's prefetch lands, hand its verified bytes to the
-        kernel's page cache: its reader then opens and reads it without a single
-        request to the daemon. A file the kernel no longer knows, or a fetch that
-        failed, is left to the reader's own READ."""
-        data = await self.source.fetched(chunk_id)
-        if data is None:
-            self._pushed.pop(ino, None)
-            return
-        assert self.kernel_store is not None
-        # Threads of its own: a store waits for any READ of the same pages, and a
-        # READ may wait for cache writes (the write backlog), so pushes must
-        # never occupy the write threads.
-        if await trio.to_thread.run_sync(self.kernel_store, ino, data, limiter=self._push_limiter):
-            self.kernel_pushes += 1
-        else:
-            self.kernel_push_misses += 1
-            self._pushed.pop(ino, None)
 
     def describe(self, ino: int) -> str:
         """Snapshot and path of an inode, for log lines."""
@@ -725,6 +677,4 @@ class SnapshotFS:
             "inode_files": len(self.inode_files),
             "read_requests": self.read_requests,
             "read_bytes": self.read_bytes,
-            "kernel_pushes": self.kernel_pushes,
-            "kernel_push_misses": self.kernel_push_misses,
         }

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import importlib.metadata
 import os
-import random
 import re
 import signal
 import subprocess
@@ -77,39 +75,6 @@ def test_readers_in_other_processes_see_exact_bytes(sample: Path, store_url: str
             assert cache.index.unsynced_count() == 0
     finally:
         cache.close()
-
-
-def test_listed_siblings_reach_readers_without_a_request(file_store_url: str, tmp_path: Path):
-    # A dataloader lists its directories, then reads files in shuffled order.
-    src = tmp_path / "src"
-    (src / "d").mkdir(parents=True)
-    rng = random.Random(11)
-    for i in range(40):
-        (src / "d" / f"f{i:03d}").write_bytes(rng.randbytes(20_000 + 97 * i))
-    snapshot_id = push(str(src), Repo.open(file_store_url)).snapshot_id
-    with mounted(tmp_path / "mnt", file_store_url, tmp_path / "cache") as mnt:
-        d = mnt / snapshot_id / "d"
-        names = sorted(os.listdir(d))
-        assert (d / names[0]).read_bytes() == (src / "d" / names[0]).read_bytes()  # cold: prefetches 16
-        deadline = time.monotonic() + 30
-        while status(mnt)["kernel_pushes"] < 16 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        before = status(mnt)
-        assert before["kernel_pushes"] == 16 and before["kernel_push_misses"] == 0
-        # Another process reads the 16 pushed files: right bytes, and the daemon hears nothing.
-        pushed = [str(d / name) for name in names[1:17]]
-        out = subprocess.run(["sha256sum", *pushed], capture_output=True, text=True, check=True).stdout
-        got = {Path(line.split(None, 1)[1]).name: line.split()[0] for line in out.splitlines()}
-        want = {name: hashlib.sha256((src / "d" / name).read_bytes()).hexdigest() for name in names[1:17]}
-        assert got == want
-        after = status(mnt)
-        shown = next(line for line in snapfs("status", str(mnt)).stdout.splitlines() if "pushes" in line)
-        assert "16 files handed to the kernel" in shown, shown
-        assert after["read_requests"] == before["read_requests"]
-        assert after["misses"] == before["misses"]
-        # A file past the window still goes through the daemon, as before.
-        assert (d / names[30]).read_bytes() == (src / "d" / names[30]).read_bytes()
-        assert status(mnt)["read_requests"] > after["read_requests"]
 
 
 @pytest.mark.parametrize("fuse_open", [False, True], ids=["kernel-opens", "daemon-opens"])

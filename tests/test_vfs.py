@@ -535,64 +535,6 @@ def test_cold_small_read_prefetches_its_siblings(tmp_path: Path):
     assert run_fs(repo, tmp_path / "cache", warm, fs_kwargs={"sibling_files": 8, "tree_prefetch": 0}) == 0
 
 
-def test_listed_siblings_are_pushed_into_the_kernel_once_verified(tmp_path: Path):
-    src = _small_files_dir(tmp_path, 40)
-    repo = Repo(LocalStore(str(tmp_path / "store")))
-    snapshot_id = push(str(src), repo).snapshot_id
-    names = sorted(p.name for p in (src / "d").iterdir() if p.is_file() and not p.is_symlink())
-    tampered = names[8]
-    stored: dict[int, bytes] = {}
-    unknown: set[int] = set()
-
-    def kernel_store(ino: int, data: bytes) -> bool:
-        if ino in unknown:
-            return False  # as the kernel answers for an inode it dropped
-        stored[ino] = bytes(data)
-        return True
-
-    async def first_cold_read(fs: SnapshotFS, source: ObjectSource, listed: bool) -> tuple[int, int]:
-        root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
-        d = await fs.lookup(root.ino, b"d")
-        if listed:
-            rows = await fs.readdir(d.ino, 0)
-            inos = {name.decode(): attr.ino for name, attr, _next in rows}
-            unknown.add(inos[names[7]])
-        assert await read_name(fs, d.ino, names[5]) == (src / "d" / names[5]).read_bytes()
-        await _settle(source)
-        with trio.fail_after(10):
-            while fs.kernel_pushes + fs.kernel_push_misses < (7 if listed else 0):
-                await trio.sleep(0.005)
-        return d.ino, len(stored)
-
-    # Spoil one sibling in the store: it must never be handed to the kernel.
-    tree = fmt.decode_tree(repo.get_object(snapshot_id, "tree"), "root")
-    d_entries = fmt.decode_tree(repo.get_object(tree[0].tree_id, "tree"), "d")
-    bad_chunk = next(e for e in d_entries if e.name == tampered.encode()).chunks[0][0]
-    bad_path = tmp_path / "store" / "objects" / bad_chunk[:2] / bad_chunk[2:]
-    bad_path.write_bytes(b"x" + bad_path.read_bytes()[1:])
-
-    async def unlisted(fs, source):
-        return await first_cold_read(fs, source, listed=False)
-
-    # A directory the kernel has not listed: its siblings' inodes are unknown there, so nothing is pushed.
-    fs_kwargs = {"sibling_files": 8, "tree_prefetch": 0, "kernel_store": kernel_store}
-    assert run_fs(repo, tmp_path / "cache-a", unlisted, fs_kwargs=fs_kwargs)[1] == 0
-
-    async def listed(fs, source):
-        d_ino, count = await first_cold_read(fs, source, listed=True)
-        return d_ino, count, fs.kernel_pushes, fs.kernel_push_misses, fs.stats()
-
-    d_ino, count, pushes, misses, stats = run_fs(repo, tmp_path / "cache-b", listed, fs_kwargs=fs_kwargs)
-    # The 8 files after names[5]: one the kernel dropped, one corrupt in the store, six pushed.
-    assert (count, pushes, misses) == (6, 6, 1)
-    assert (stats["kernel_pushes"], stats["kernel_push_misses"]) == (6, 1)
-    by_ino = {d_ino | (i + 1): entry.name.decode() for i, entry in enumerate(d_entries)}
-    pushed_names = sorted(by_ino[ino] for ino in stored)
-    assert pushed_names == [n for n in names[6:14] if n not in (names[7], tampered)]
-    for ino, data in stored.items():
-        assert data == (src / "d" / by_ino[ino]).read_bytes()  # whole files, verified bytes only
-
-
 def test_readahead_follows_each_sequential_reader_of_a_file(tmp_path: Path):
     src = tmp_path / "src"
     src.mkdir()

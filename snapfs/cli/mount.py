@@ -154,15 +154,6 @@ def _opens(status: dict) -> str:
     return "-"
 
 
-def _pushes(status: dict) -> str:
-    if "kernel_pushes" not in status:  # a daemon from before page-cache pushes
-        return "-"
-    return (
-        f"{status['kernel_pushes']} files handed to the kernel before their first read, "
-        f"{status['kernel_push_misses']} not taken"
-    )
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     from .. import daemon  # lazy: trio and the daemon are not needed to parse arguments
 
@@ -197,7 +188,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         ("store health", _store_health(status)),
         ("snapshots open", status["snapshots_open"]),
         ("opens", _opens(status)),
-        ("page-cache pushes", _pushes(status)),
         ("memory", f"{human_bytes(status['rss_bytes'])} RSS, {status['cpu_seconds']} CPU seconds"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -36,6 +36,7 @@ READ_COLUMNS = [
     ("large_warm", "large warm MB/s"),
     ("large_folios", "large folios %"),
     ("large_cache", "large cache MB/s"),
+    ("cache_files", "cache files MB/s"),
     ("small_cold_1r", "small cold 1r files/s"),
     ("small_cold_8r", "small cold 8r files/s"),
     ("small_warm_1r", "small warm 1r files/s"),

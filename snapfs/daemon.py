@@ -31,7 +31,7 @@ import trio
 
 from .cache import DiskCache, ObjectSource
 from .errors import CacheIndexError, MountError, NotFoundError, SnapfsError, UsageError
-from .linux import ensure_fusectl
+from .linux import FUSECTL, ensure_fusectl
 from .repo import Repo
 from .store import LocalStore
 
@@ -188,7 +188,7 @@ def set_max_background(mountpoint: str, requests: int) -> None:
     fusectl is mounted first where nothing did (a container without systemd).
     Otherwise the kernel default stays."""
     ensure_fusectl()
-    directory = f"/sys/fs/fuse/connections/{os.minor(os.stat(mountpoint).st_dev)}"
+    directory = f"{FUSECTL}/{os.minor(os.stat(mountpoint).st_dev)}"
     if _set_kernel_knob(f"{directory}/max_background", requests):
         _set_kernel_knob(f"{directory}/congestion_threshold", requests * 3 // 4)
 

@@ -28,7 +28,7 @@ _KPF_COMPOUND_HEAD = 1 << 15
 _KPF_COMPOUND_TAIL = 1 << 16
 
 
-def _file_pages(path: str, kpageflags: int) -> tuple[int, int]:
+def _file_pages(path: str, pagemap: int, kpageflags: int) -> tuple[int, int]:
     """(pages in large folios, resident pages) of one file's page cache."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -42,10 +42,8 @@ def _file_pages(path: str, kpageflags: int) -> tuple[int, int]:
             try:
                 for offset in range(0, size, PAGE):
                     view[offset]  # fault the page in: pagemap lists mapped pages only
-                start = _mapping_start(mapping)
-                with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
-                    pages = (size + PAGE - 1) // PAGE
-                    raw = os.pread(pagemap.fileno(), pages * 8, start // PAGE * 8)
+                pages = (size + PAGE - 1) // PAGE
+                raw = os.pread(pagemap, pages * 8, _mapping_start(mapping) // PAGE * 8)
             finally:
                 view.release()
     finally:
@@ -72,18 +70,18 @@ def _mapping_start(mapping: mmap.mmap) -> int:
 def large_folio_share(paths: Sequence[str]) -> float | None:
     """The fraction of the files' resident page-cache pages that belong to large
     folios, or None where the kernel will not say (not root, no kpageflags)."""
+    fds: list[int] = []
     try:
-        kpageflags = os.open("/proc/kpageflags", os.O_RDONLY)
-    except OSError:
-        return None
-    try:
+        for proc_file in ("/proc/self/pagemap", "/proc/kpageflags"):
+            fds.append(os.open(proc_file, os.O_RDONLY))
         large = resident = 0
         for path in paths:
-            file_large, file_resident = _file_pages(path, kpageflags)
+            file_large, file_resident = _file_pages(path, *fds)
             large += file_large
             resident += file_resident
     except OSError:
         return None
     finally:
-        os.close(kpageflags)
+        for fd in fds:
+            os.close(fd)
     return large / resident if resident else None

@@ -27,6 +27,7 @@ import math
 import os
 import re
 import signal
+import stat
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -349,12 +350,14 @@ def read_cache_files(ctx: Ctx, cache: Path) -> None:
     daemon has disk threads, page cache dropped, in the order they were written.
     Selected by size from a listing of the cache, as get_same_objects selects
     from the store. A best of passes, as the cache-hit read is."""
-    files = [p for p in (cache / "objects").glob("*/*") if not p.name.startswith(".") and p.is_file()]
-    files = [p for p in files if p.stat().st_size >= MIN_CHUNK]
+    listed = [(p, p.stat()) for p in (cache / "objects").glob("*/*") if not p.name.startswith(".")]
+    chunks = sorted(
+        (st.st_mtime_ns, p) for p, st in listed if stat.S_ISREG(st.st_mode) and st.st_size >= MIN_CHUNK
+    )
+    files = [p for _mtime, p in chunks]
     if not files:
         ctx.results.fail("snapfs", "cache_files", "no chunk files of the minimum chunk size in the cache")
         return
-    files.sort(key=lambda p: p.stat().st_mtime_ns)
 
     def one_pass() -> float:
         drop_caches()

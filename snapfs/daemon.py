@@ -15,6 +15,7 @@ Process model (docs/DAEMON.md):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -32,6 +33,7 @@ import trio
 from .cache import DiskCache, ObjectSource
 from .errors import CacheIndexError, MountError, NotFoundError, SnapfsError, UsageError
 from .linux import FUSECTL, ensure_fusectl
+from .paths import control_sockets
 from .repo import Repo
 from .store import LocalStore
 
@@ -232,6 +234,7 @@ class Daemon:
         self.fs = None
         self.ops = None
         self.metrics = None
+        self.control_path: str | None = None
 
     def status(self) -> dict:
         assert self.source is not None and self.fs is not None and self.ops is not None
@@ -269,6 +272,8 @@ class Daemon:
             "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3),
             "skip_open": self.ops.skip_open,
             "open_requests": self.ops.open_requests,
+            "xattr_requests": self.ops.xattr_requests,
+            "control_socket": self.control_path,
             **self.fs.stats(),
         }
 
@@ -327,18 +332,81 @@ class Daemon:
                 sibling_files=self.config.prefetch_siblings,
                 tree_prefetch=min(self.config.prefetch_siblings, TREE_PREFETCH),
             )
-            ops = self.ops = fuseops.Operations(self.fs, self.status, skip_open=self.config.skip_open)
+            control = await self._open_control_socket()
+            # With the status on the control socket, getxattr answers ENOSYS and
+            # the kernel stops asking: `ls -l` asks two xattrs per file, each a
+            # round trip through the daemon (2.6 s of an `ls -lR` of 20,000 files).
+            ops = self.ops = fuseops.Operations(
+                self.fs, self.status, skip_open=self.config.skip_open, xattr_status=control is None
+            )
             if not ops.skip_open and self.config.skip_open is None:
                 log.warning(
                     "pyfuse3 lacks read_noopen (scripts/pyfuse3.patch): every open() "
                     "of a file costs a round trip through the daemon; scripts/setup installs it"
                 )
             options = fuseops.mount_options(allow_other=self.config.allow_other)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_signals)
-                await fuseops.serve(ops, self.mountpoint, options, on_ready)
-                nursery.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch_signals)
+                    if control is not None:
+                        nursery.start_soon(trio.serve_listeners, self._answer_control, [control])
+                    await fuseops.serve(ops, self.mountpoint, options, on_ready)
+                    nursery.cancel_scope.cancel()
+            finally:
+                if self.control_path:
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.control_path)
         log.info("unmounted %s", self.mountpoint)
+
+    async def _open_control_socket(self) -> trio.SocketListener | None:
+        """Listen on this mount's control socket (paths.control_sockets), which
+        `snapfs status` asks. None, and the status served as an xattr of the
+        mount's root instead, where the socket cannot be made."""
+        path = control_sockets(self.mountpoint)[0]
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            directory = os.path.dirname(path)
+            os.makedirs(directory, mode=0o755 if os.geteuid() == 0 else 0o700, exist_ok=True)
+            if os.path.exists(path):
+                if await trio.to_thread.run_sync(_ask_control, path, b"status", 1.0) is not None:
+                    raise OSError(errno.EADDRINUSE, f"a live daemon already answers on {path}")
+                os.unlink(path)  # left by a daemon that was killed
+            await sock.bind(path)
+            # Who may ask: as the mount itself allows (allow_other or its owner).
+            os.chmod(path, 0o666 if self.config.allow_other else 0o600)
+            sock.listen(16)
+        except OSError as exc:
+            sock.close()
+            log.warning(
+                "cannot serve status on %s (%s); serving it as the %s xattr of %s instead",
+                path,
+                exc.strerror or exc,
+                _status_xattr_name(),
+                self.mountpoint,
+            )
+            return None
+        self.control_path = path
+        return trio.SocketListener(sock)
+
+    async def _answer_control(self, stream: trio.SocketStream) -> None:
+        """One request line in, one JSON line out. Only ``status`` so far."""
+        async with stream:
+            try:
+                with trio.move_on_after(5):
+                    request = b""
+                    while b"\n" not in request and len(request) < 1024:
+                        data = await stream.receive_some(1024)
+                        if not data:
+                            break
+                        request += data
+                    command = request.split(b"\n", 1)[0].strip()
+                    if command == b"status":
+                        reply = self.status()
+                    else:
+                        reply = {"error": f"unknown request {command[:64]!r}"}
+                    await stream.send_all(json.dumps(reply, sort_keys=True).encode() + b"\n")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
 
     async def _watch_signals(self) -> None:
         from . import fuseops
@@ -468,16 +536,57 @@ def mount(config: MountConfig) -> int:
 # --- status and umount ----------------------------------------------------------
 
 
-def read_status(mountpoint: str) -> dict:
+def _status_xattr_name() -> str:
     from .fuseops import STATUS_XATTR
 
+    return STATUS_XATTR.decode()
+
+
+def _ask_control(path: str, request: bytes, timeout: float = 10.0) -> bytes | None:
+    """A daemon's reply on its control socket; None where no daemon listens there."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        sock.sendall(request + b"\n")
+        chunks = []
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    return b"".join(chunks)
+
+
+def read_status(mountpoint: str) -> dict:
     if _is_stale(mountpoint):
         raise MountError(f"{mountpoint} is a stale mount: its daemon is dead (snapfs mount recovers it)")
+    where = os.path.realpath(mountpoint)
+    refused = None
+    for path in control_sockets(mountpoint):
+        try:
+            raw = _ask_control(path, b"status")
+        except OSError as exc:  # not ours to ask (permissions), or a hung daemon
+            refused = f"cannot ask {path}: {exc.strerror or exc}"
+            continue
+        if raw is None:
+            continue
+        try:
+            status = json.loads(raw)
+        except ValueError as exc:
+            raise MountError(f"the daemon on {path} gave a malformed status: {exc}") from None
+        if os.path.realpath(status.get("mountpoint") or "") == where:
+            return status
+    # A daemon from before the control socket, or one that could not make it.
     try:
-        raw = os.getxattr(mountpoint, STATUS_XATTR.decode())
+        raw = os.getxattr(mountpoint, _status_xattr_name())
     except OSError as exc:
         if not os.path.ismount(mountpoint):
             raise MountError(f"{mountpoint} is not mounted") from exc
+        if refused:
+            raise MountError(f"{mountpoint}: {refused}") from exc
         raise MountError(f"{mountpoint} is not a snapfs mount ({exc.strerror})") from exc
     return json.loads(raw)
 

@@ -58,10 +58,21 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, fs: SnapshotFS, status: Callable[[], dict], *, skip_open: bool | None = None) -> None:
+    def __init__(
+        self,
+        fs: SnapshotFS,
+        status: Callable[[], dict],
+        *,
+        skip_open: bool | None = None,
+        xattr_status: bool = True,
+    ) -> None:
         super().__init__()
         self.fs = fs
         self.status = status
+        # False when the daemon serves status on its control socket: then no
+        # xattr exists and ENOSYS stops the kernel asking (see getxattr).
+        self.xattr_status = xattr_status
+        self.xattr_requests = 0
         if skip_open and not KERNEL_CAN_SKIP_OPEN:
             raise MountError("this pyfuse3 cannot skip OPEN requests; install it with scripts/setup")
         self.skip_open = KERNEL_CAN_SKIP_OPEN if skip_open is None else skip_open
@@ -170,11 +181,20 @@ class Operations(pyfuse3.Operations):
         return out
 
     async def getxattr(self, inode, name, ctx):
+        self.xattr_requests += 1
+        if not self.xattr_status:
+            # Snapshots carry no xattrs. ENOSYS once makes the kernel answer every
+            # later getxattr itself (EOPNOTSUPP), as for flush: `ls -l` asks two
+            # per file, and `cp -a`/`rsync -X` one or more.
+            raise FUSEError(errno.ENOSYS)
         if inode == ROOT_INODE and name == STATUS_XATTR:
             return json.dumps(self.status(), sort_keys=True).encode()
         raise FUSEError(pyfuse3.ENOATTR)
 
     async def listxattr(self, inode, ctx):
+        self.xattr_requests += 1
+        if not self.xattr_status:
+            raise FUSEError(errno.ENOSYS)
         return [STATUS_XATTR] if inode == ROOT_INODE else []
 
     # Everything that would change the filesystem: EROFS.

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import errno
 import importlib.metadata
+import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -262,6 +264,37 @@ def test_refuses_mount_inside_store_or_cache(file_store_url: str, tmp_path: Path
     )
     assert result.returncode == 2 and "overlaps the cache" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_status_comes_from_the_control_socket_and_ls_l_asks_no_xattrs(
+    sample: Path, file_store_url: str, tmp_path: Path
+):
+    snapshot_id = push(str(sample), Repo.open(file_store_url)).snapshot_id
+    with mounted(tmp_path / "mnt", file_store_url, tmp_path / "cache") as mnt:
+        socket_path = status(mnt)["control_socket"]
+        assert socket_path and stat.S_ISSOCK(os.stat(socket_path).st_mode)
+        entries = sum(len(d) + len(f) for _, d, f in os.walk(sample))
+        listing = subprocess.run(["ls", "-lR", str(mnt / snapshot_id)], capture_output=True, check=True)
+        assert all(os.fsencode(name) in listing.stdout for name in os.listdir(sample))
+        with pytest.raises(OSError) as raised:
+            os.getxattr(mnt / snapshot_id, "user.anything")
+        assert raised.value.errno == errno.EOPNOTSUPP
+        # One ENOSYS and the kernel answers every later getxattr itself.
+        assert entries > 10 and status(mnt)["xattr_requests"] <= 2
+    assert not os.path.exists(socket_path)
+
+
+def test_status_falls_back_to_the_xattr_without_a_control_socket(
+    file_store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("SNAPFS_RUNTIME_DIR", str(blocker / "run"))
+    with mounted(tmp_path / "mnt", file_store_url, tmp_path / "cache") as mnt:
+        counters = status(mnt)
+        assert counters["control_socket"] is None and counters["pid"] > 0
+        assert json.loads(os.getxattr(mnt, "user.snapfs.status"))["pid"] == counters["pid"]
+    assert "cannot serve status on" in (tmp_path / "cache" / "mount.log").read_text()
 
 
 def test_status_of_unmounted_dir_is_one_line_error(tmp_path: Path):

@@ -497,6 +497,7 @@ class ObjectSource:
         self._memory: OrderedDict[str, bytes] = OrderedDict()
         self._memory_used = 0
         self._flights: dict[str, _Flight] = {}
+        self.waiting_reads = 0  # get() calls waiting on a flight (the disk or the store) right now
         self.counters = Counters()
         self.on_fetch = on_fetch  # callback(seconds, nbytes) for metrics
         self._nursery: trio.Nursery | None = None
@@ -619,7 +620,11 @@ class ObjectSource:
             flight = self._flights.get(object_id)
             if flight is None:
                 flight = self._start(object_id, what, expected_size)
-            await flight.done.wait()
+            self.waiting_reads += 1
+            try:
+                await flight.done.wait()
+            finally:
+                self.waiting_reads -= 1
             if flight.error is not None:
                 raise flight.error
             assert flight.data is not None
@@ -633,11 +638,23 @@ class ObjectSource:
             raise IntegrityError(f"{what} {object_id} is {len(data)} bytes, the tree says {expected_size}")
         return data, fetched
 
-    def prefetch(self, object_id: str, what: str = "object", expected_size: int | None = None) -> bool:
+    def prefetch(
+        self,
+        object_id: str,
+        what: str = "object",
+        expected_size: int | None = None,
+        *,
+        from_store: bool = False,
+    ) -> bool:
         """Start fetching in the background if not cached or in flight. Bounded: returns
         False when too many prefetches are already running, or the store is
-        known to be unavailable."""
+        known to be unavailable. With ``from_store``, an object already in the
+        disk cache is left there: reading it into memory early pays off only
+        where the read follows soon (a sequential reader's next chunks), not
+        for a guess at what a reader may want later (a small file's siblings)."""
         if object_id in self._memory or object_id in self._flights or object_id in self._unwritten:
+            return True
+        if from_store and self._maybe_cached(object_id):
             return True
         if self._outage is not None or self._backlog_full():
             return False

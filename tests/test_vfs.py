@@ -534,6 +534,63 @@ def test_cold_small_read_prefetches_its_siblings(tmp_path: Path):
     # A read served by the disk cache is not a cold read: it prefetches nothing.
     assert run_fs(repo, tmp_path / "cache", warm, fs_kwargs={"sibling_files": 8, "tree_prefetch": 0}) == 0
 
+    async def some_cached(fs, source):
+        root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+        d = await fs.lookup(root.ino, b"d")
+        for name in names[7:9]:
+            await read_name(fs, d.ino, name)
+
+    run_fs(repo, tmp_path / "cache-some", some_cached, fs_kwargs={"sibling_files": 0, "tree_prefetch": 0})
+
+    async def cold_beside_cached(fs, source):
+        root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+        d = await fs.lookup(root.ino, b"d")
+        await fs.lookup(d.ino, names[5].encode())  # the trees come from the disk cache here
+        trees_read = source.counters.disk_hits
+        await read_name(fs, d.ino, names[5])
+        await _settle(source)
+        for name in names[6:14]:
+            assert await read_name(fs, d.ino, name) == (src / "d" / name).read_bytes()
+        return source.counters.readahead_objects, source.counters.disk_hits - trees_read
+
+    # Siblings already on disk are left there (not read into memory on a guess):
+    # 6 of the next 8 are prefetched, and the 2 cached ones are read from disk once.
+    assert run_fs(
+        repo, tmp_path / "cache-some", cold_beside_cached, fs_kwargs={"sibling_files": 8, "tree_prefetch": 0}
+    ) == (6, 2)
+
+
+def test_no_sibling_prefetch_while_another_read_waits(tmp_path: Path):
+    src = _small_files_dir(tmp_path, 40)
+    store = SlowStore(str(tmp_path / "store"), delay=1.0)
+    repo = Repo(store)
+    snapshot_id = push(str(src), repo).snapshot_id
+    names = sorted(p.name for p in (src / "d").iterdir() if p.is_file() and not p.is_symlink())
+    # A file of one chunk: its chunk is the file's bytes.
+    store.slow_keys.add(fmt.object_key(hash_bytes((src / "d" / names[0]).read_bytes())))
+
+    async def body(fs, source):
+        root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+        d = await fs.lookup(root.ino, b"d")
+        for name in names[:6]:
+            await fs.lookup(d.ino, name.encode())
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_name, fs, d.ino, names[0])  # waits 1 s on the store
+            await trio.sleep(0.1)
+            assert source.waiting_reads == 1
+            # A cold read meanwhile: its round trip is hidden by the other reader's.
+            assert await read_name(fs, d.ino, names[5]) == (src / "d" / names[5]).read_bytes()
+            during = source.counters.readahead_objects
+            # The slow read, done with no other read waiting, prefetches the next
+            # 8 files but the cached names[5]: 7.
+        first = source.counters.readahead_objects
+        # Alone, a cold read prefetches its 8 siblings.
+        await read_name(fs, d.ino, names[20])
+        return during, first, source.counters.readahead_objects - first
+
+    result = run_fs(repo, tmp_path / "cache", body, fs_kwargs={"sibling_files": 8, "tree_prefetch": 0})
+    assert result == (0, 7, 8)
+
 
 def test_readahead_follows_each_sequential_reader_of_a_file(tmp_path: Path):
     src = tmp_path / "src"

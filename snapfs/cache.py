@@ -31,7 +31,7 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -78,6 +78,12 @@ OUTAGE_HOLDOFF_MAX = 30.0
 #: read: 20,000 x 50 KiB through 8 readers from a file store left the daemon
 #: at 650-714 MiB RSS, 400 MiB of it bytes queued for writing.
 WRITE_BACKLOG_BYTES = 64 << 20
+# Cache writes of fetched objects: WRITERS tasks, each handing up to
+# WRITE_BATCH queued objects at a time to a write thread. One hand-off per
+# object (trio to a thread and back, each a wakeup and a GIL switch) cost more
+# than the write itself on a cold read of many small files.
+WRITERS = 2
+WRITE_BATCH = 32
 
 #: Seconds between the syncfs calls that make new cache files durable
 #: (DiskCache.sync_pending). After a power loss, at most this much of the
@@ -281,25 +287,73 @@ class DiskCache:
     def insert(self, object_id: str, data: bytes, *, pin: str | None = None, verified: bool = False) -> bool:
         """Store verified bytes. Returns False (and counts a failure) if the disk
         refused; the caller still serves the bytes it holds."""
-        if not verified and hash_bytes(data) != object_id:
-            raise IntegrityError(f"refusing to cache object {object_id}: bytes do not match")
-        path = self.path(object_id)
-        # A file without an index entry is not trusted (it may be a never-synced
-        # write cut short by a power loss whose entry was lost too): write it again.
-        if self.is_cached(object_id):
-            try:
-                self.index.add(object_id, len(data), pin=pin)
-            except CacheIndexError as exc:
-                # The bytes are cached (by someone else); only the bookkeeping failed.
-                self.note_index_failure(exc, object_id)
-            return True
+        return self.insert_many([(object_id, data)], pin=pin, verified=verified)[0]
+
+    def insert_many(
+        self, items: list[tuple[str, bytes]], *, pin: str | None = None, verified: bool = False
+    ) -> list[bool]:
+        """insert() for several objects, with one index transaction for all the
+        new files. Per object: True if it is cached now.
+
+        Each system call releases and retakes the GIL, and in a busy daemon
+        each retake is a wait and a thread switch: measured with one
+        CPU-bound Python thread beside two writers, a 50 KB insert cost 1.9 ms
+        of CPU instead of 0.16. So the steady state makes only the calls it
+        needs: open, write, close, rename per file (the fan-out directory is
+        made on the first write into it), then one commit for the batch."""
+        if not verified:
+            for object_id, data in items:
+                if hash_bytes(data) != object_id:
+                    raise IntegrityError(f"refusing to cache object {object_id}: bytes do not match")
+        results = [False] * len(items)
+        fresh: list[int] = []
+        indexed = self.index.contains_many(object_id for object_id, _ in items)
+        for i, (object_id, data) in enumerate(items):
+            # A file without an index entry is not trusted (it may be a never-synced
+            # write cut short by a power loss whose entry was lost too): write it again.
+            if object_id in indexed and self.has(object_id):
+                try:
+                    self.index.add(object_id, len(data), pin=pin)
+                except CacheIndexError as exc:
+                    # The bytes are cached (by someone else); only the bookkeeping failed.
+                    self.note_index_failure(exc, object_id)
+                results[i] = True
+            else:
+                fresh.append(i)
+        if not fresh:
+            return results
         if self.max_bytes is not None:
-            self.make_room(len(data))
+            self.make_room(sum(len(items[i][1]) for i in fresh))
+        written = [i for i in fresh if self._write_file(*items[i])]
+        if not written:
+            return results
+        try:
+            self.index.add_many(
+                [(items[i][0], len(items[i][1])) for i in written], pin=pin, unsynced_boot=self.boot
+            )
+        except CacheIndexError as exc:
+            # A file the index does not count would escape the size limit and
+            # eviction: take them back out; the callers serve the bytes they hold.
+            self._unlink_files(items[i][0] for i in written)
+            self.write_failures += len(written)
+            self.note_index_failure(exc, items[written[0]][0])
+            return results
+        for i in written:
+            results[i] = True
+        return results
+
+    def _write_file(self, object_id: str, data: bytes) -> bool:
+        """Temp file, (fsync,) rename into place. False, with a log line, if the disk refused."""
+        path = self.path(object_id)
         directory = os.path.dirname(path)
         tmp = os.path.join(directory, f"{_TMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{object_id[:16]}")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         try:
-            os.makedirs(directory, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(tmp, flags, 0o644)
+            except FileNotFoundError:
+                os.makedirs(directory, exist_ok=True)
+                fd = os.open(tmp, flags, 0o644)
             try:
                 view = memoryview(data)
                 while view:
@@ -328,7 +382,7 @@ class DiskCache:
             else:
                 log.warning("cannot cache object %s in %s: %s", object_id, self.directory, exc.strerror)
             return False
-        return self.index_new_file(object_id, len(data), pin=pin)
+        return True
 
     def sync_file(self, fd: int) -> None:
         """Before the rename of a new cache file: fsync it, unless durability is
@@ -507,6 +561,8 @@ class ObjectSource:
         # fetched again (prefetch runs ahead of the cache writes). Its size is
         # the number of write-backs pending; _writes_idle is set when it empties.
         self._unwritten: dict[str, bytes] = {}
+        self._write_queue: deque[tuple[str, bytes]] = deque()
+        self._writers = 0  # _drain_writes tasks running
         self._unwritten_bytes = 0
         self._fetching_bytes = 0  # announced sizes of fetches in flight, counted against the same bound
         self.write_backlog_bytes = WRITE_BACKLOG_BYTES
@@ -731,7 +787,7 @@ class ObjectSource:
                     self._writes_idle = trio.Event()
                 self._unwritten[object_id] = data
                 self._unwritten_bytes += len(data)
-                self._nursery.start_soon(self._write_back, object_id, data)
+                self._queue_write(object_id, data)
             if expected_size is not None and len(data) != expected_size:
                 raise IntegrityError(
                     f"{what} {object_id} is {len(data)} bytes, the tree says {expected_size}"
@@ -850,23 +906,44 @@ class ObjectSource:
                 outage.failed_fast,
             )
 
-    async def _write_back(self, object_id: str, data: bytes) -> None:
+    def _queue_write(self, object_id: str, data: bytes) -> None:
+        """Hand verified bytes to the cache writers (trio thread)."""
+        self._write_queue.append((object_id, data))
+        if self._writers < WRITERS:
+            self._writers += 1
+            assert self._nursery is not None
+            self._nursery.start_soon(self._drain_writes)
+
+    async def _drain_writes(self) -> None:
+        """Write queued objects to the cache, up to WRITE_BATCH per worker-thread
+        job: under load, one hand-off to a thread and back per batch instead of
+        per object (see WRITERS)."""
         try:
-            ok = await self.write_threads.run(partial(self.cache.insert, object_id, data, verified=True))
-        except CacheFullError as exc:
-            log.warning("%s; serving object %s without caching it", exc, object_id)
-            ok = False
-        except SnapfsError as exc:
-            log.warning("cannot cache object %s: %s", object_id, exc)
-            ok = False
-        except Exception:  # a bug: caching is an optimisation, never a reason to stop serving
-            log.exception("bug: unexpected error caching object %s", object_id)
-            ok = False
+            while self._write_queue:
+                batch = [self._write_queue.popleft() for _ in range(min(len(self._write_queue), WRITE_BATCH))]
+                results: list[bool] = []
+                try:
+                    results = await self.write_threads.run(self._insert_batch, batch)
+                finally:
+                    self.counters.cache_write_failures += results.count(False)
+                    for object_id, data in batch:
+                        self._unwritten.pop(object_id, None)
+                        self._unwritten_bytes -= len(data)
+                    self._wake_backlog_waiters()
+                    if not self._unwritten:
+                        self._writes_idle.set()
         finally:
-            self._unwritten.pop(object_id, None)
-            self._unwritten_bytes -= len(data)
-            self._wake_backlog_waiters()
-            if not self._unwritten:
-                self._writes_idle.set()
-        if not ok:
-            self.counters.cache_write_failures += 1
+            self._writers -= 1
+
+    def _insert_batch(self, batch: list[tuple[str, bytes]]) -> list[bool]:
+        """Blocking (a write thread): cache the objects; False where one was not."""
+        what = batch[0][0] if len(batch) == 1 else f"{batch[0][0]} and {len(batch) - 1} more"
+        try:
+            return self.cache.insert_many(batch, verified=True)
+        except CacheFullError as exc:
+            log.warning("%s; serving object %s without caching it", exc, what)
+        except SnapfsError as exc:
+            log.warning("cannot cache object %s: %s", what, exc)
+        except Exception:  # a bug: caching is an optimisation, never a reason to stop serving
+            log.exception("bug: unexpected error caching object %s", what)
+        return [False] * len(batch)

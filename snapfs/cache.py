@@ -79,11 +79,20 @@ OUTAGE_HOLDOFF_MAX = 30.0
 #: at 650-714 MiB RSS, 400 MiB of it bytes queued for writing.
 WRITE_BACKLOG_BYTES = 64 << 20
 # Cache writes of fetched objects: WRITERS tasks, each handing up to
-# WRITE_BATCH queued objects at a time to a write thread. One hand-off per
-# object (trio to a thread and back, each a wakeup and a GIL switch) cost more
-# than the write itself on a cold read of many small files.
+# WRITE_BATCH queued objects, at most WRITE_BATCH_BYTES together (but always
+# one), at a time to a write thread. One hand-off per object (trio to a thread
+# and back, each a wakeup and a GIL switch) cost more than the write itself on
+# a cold read of many small files. The byte bound sends large chunks one per
+# batch: a batch's bytes leave the write backlog only when all of it is on
+# disk, and 32 MiB held back that way would stall misses on the backlog.
 WRITERS = 2
 WRITE_BATCH = 32
+WRITE_BATCH_BYTES = 1 << 20
+# Fetches of objects up to this size (below the chunker's minimum: whole small
+# files, trees) make ObjectSource.small_fetch_seconds. Large files' chunks are
+# left out: under readahead they queue for fetch slots (38-58 ms each, 4
+# readers), which says nothing about the store's latency.
+SMALL_OBJECT = 256 << 10
 
 #: Seconds between the syncfs calls that make new cache files durable
 #: (DiskCache.sync_pending). After a power loss, at most this much of the
@@ -552,6 +561,9 @@ class ObjectSource:
         self._memory_used = 0
         self._flights: dict[str, _Flight] = {}
         self.waiting_reads = 0  # get() calls waiting on a flight (the disk or the store) right now
+        #: Moving average (weight 0.1) of the wait for a fetch of an object of
+        #: up to SMALL_OBJECT bytes: the store's latency as readers see it.
+        self.small_fetch_seconds = 0.0
         self.counters = Counters()
         self.on_fetch = on_fetch  # callback(seconds, nbytes) for metrics
         self._nursery: trio.Nursery | None = None
@@ -776,6 +788,8 @@ class ObjectSource:
                     self._fetching_bytes -= announced
                     self._wake_backlog_waiters()  # a failed fetch frees its share too
                 elapsed = time.monotonic() - started
+                if len(data) <= SMALL_OBJECT:
+                    self.small_fetch_seconds += 0.1 * (elapsed - self.small_fetch_seconds)
                 self.counters.fetched_bytes += len(data)
                 self.counters.fetched_objects += 1
                 if self.on_fetch:
@@ -920,7 +934,12 @@ class ObjectSource:
         per object (see WRITERS)."""
         try:
             while self._write_queue:
-                batch = [self._write_queue.popleft() for _ in range(min(len(self._write_queue), WRITE_BATCH))]
+                batch = [self._write_queue.popleft()]
+                size = len(batch[0][1])
+                queue = self._write_queue
+                while queue and len(batch) < WRITE_BATCH and size + len(queue[0][1]) <= WRITE_BATCH_BYTES:
+                    size += len(queue[0][1])
+                    batch.append(queue.popleft())
                 results: list[bool] = []
                 try:
                     results = await self.write_threads.run(self._insert_batch, batch)

@@ -253,6 +253,7 @@ class Daemon:
             "misses": counters.misses,
             "fetched_objects": counters.fetched_objects,
             "fetched_bytes": counters.fetched_bytes,
+            "small_fetch_ms": round(self.source.small_fetch_seconds * 1000, 2),
             "verify_failures": counters.verify_failures,
             "fetch_errors": counters.fetch_errors,
             "fast_failures": counters.fast_failures,

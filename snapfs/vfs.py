@@ -58,17 +58,20 @@ READ_STREAMS = 8  # sequential readers of one file tracked for readahead
 # this each reader waits out a store round trip per file. Only files of one
 # chunk up to SIBLING_FILE_MAX count; reads served from memory, the disk
 # cache or the page cache never trigger it, and neither does a cold read while
-# another read waits on the store or the disk. Concurrent readers hide each
-# other's round trips already, and on 2 cores the prefetch only cost CPU:
-# siblings fetched ahead of a shuffled reader mostly leave the memory LRU
-# before they are read, and are read back from the disk cache. Measured on
-# 20,000 x 50 KB files, 8 readers, loopback SeaweedFS, 2 interleaved rounds:
-# 612-763 files/s prefetching on every cold read, 687-864 with none, 728-748
-# prefetching only while no other read waited; with 1 reader, 494-510 files/s
-# prefetching, 421-521 without.
+# another read waits, unless small fetches take over SIBLING_LATENCY. Against
+# a store that answers fast, concurrent readers hide each other's round trips
+# already and the prefetch only cost CPU: siblings fetched ahead of a shuffled
+# reader mostly leave the memory LRU before they are read, and are read back
+# from the disk cache. Measured on 20,000 x 50 KB files, 8 readers, loopback
+# SeaweedFS, 2 interleaved rounds: 612-763 files/s prefetching on every cold
+# read, 687-864 with none, 728-748 prefetching only while no other read
+# waited; with 1 reader, 494-510 files/s prefetching, 421-521 without. Against
+# a store tens of ms away, 8 readers can hide only 8 round trips at a time,
+# and the prefetch is what fills the other fetch slots.
 SIBLING_FILES = 16
 SIBLING_BYTES = 8 << 20
 SIBLING_FILE_MAX = 1 << 20
+SIBLING_LATENCY = 0.02  # seconds; see above
 # When a directory's tree is decoded for the first time, the trees of its
 # first TREE_PREFETCH subdirectories and of the TREE_PREFETCH directories after
 # it in its parent start fetching: a walk (find, ls -R, a dataloader's os.walk
@@ -585,7 +588,7 @@ class SnapshotFS:
                 self._readahead(handle, stream, last)
         if first == last:
             data, fetched = await self._chunk(handle, first)
-            if fetched and len(handle.chunks) == 1 and self.sibling_files and not self.source.waiting_reads:
+            if fetched and len(handle.chunks) == 1 and self.sibling_files and self._siblings_pay():
                 self._prefetch_siblings(handle)
             start = offset - handle.offsets[first]
             # A view, not a copy: pyfuse3 replies from any buffer.
@@ -629,6 +632,10 @@ class SnapshotFS:
             if not self.source.prefetch(chunk_id, "chunk", length):
                 break
             stream[1] = i + 1
+
+    def _siblings_pay(self) -> bool:
+        """Whether a cold read's sibling prefetch is worth its CPU (SIBLING_FILES)."""
+        return not self.source.waiting_reads or self.source.small_fetch_seconds > SIBLING_LATENCY
 
     def _prefetch_siblings(self, handle: OpenFile) -> None:
         """Start fetching the small files after this one in its directory (see SIBLING_FILES)."""

@@ -592,6 +592,40 @@ def test_no_sibling_prefetch_while_another_read_waits(tmp_path: Path):
     assert result == (0, 7, 8)
 
 
+def test_slow_store_keeps_sibling_prefetch_beside_other_readers(tmp_path: Path):
+    src = _small_files_dir(tmp_path, 40)
+    store = SlowStore(str(tmp_path / "store"), delay=0.05)
+    repo = Repo(store)
+    snapshot_id = push(str(src), repo).snapshot_id
+    names = sorted(p.name for p in (src / "d").iterdir() if p.is_file() and not p.is_symlink())
+    for name in names:
+        store.slow_keys.add(fmt.object_key(hash_bytes((src / "d" / name).read_bytes())))
+
+    async def body(fs, source):
+        root = await fs.lookup(ROOT_INODE, snapshot_id.encode())
+        d = await fs.lookup(root.ino, b"d")
+        for name in names:
+            await fs.lookup(d.ino, name.encode())
+        # One reader first: its cold reads and their prefetches (10 fetches of
+        # 50 ms) teach the average what this store costs.
+        for name in (names[0], names[10]):
+            await read_name(fs, d.ino, name)
+            await _settle(source)
+        latency, before = source.small_fetch_seconds, source.counters.readahead_objects
+        # Then two readers whose fetches land together: the first sees the other
+        # waiting, yet 50 ms a file is more than readers alone can hide, so
+        # both cold reads prefetch their 4 siblings.
+        async with trio.open_nursery() as nursery:
+            for name in (names[20], names[30]):
+                nursery.start_soon(read_name, fs, d.ino, name)
+        await _settle(source)
+        return latency, source.counters.readahead_objects - before
+
+    fs_kwargs = {"sibling_files": 4, "tree_prefetch": 0}
+    latency, prefetched = run_fs(repo, tmp_path / "cache", body, fs_kwargs=fs_kwargs)
+    assert latency > 0.02 and prefetched == 8
+
+
 def test_readahead_follows_each_sequential_reader_of_a_file(tmp_path: Path):
     src = tmp_path / "src"
     src.mkdir()

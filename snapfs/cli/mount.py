@@ -138,6 +138,13 @@ def _store_health(status: dict) -> str:
     return f"answering ({failed} reads failed at once during outages)" if failed else "answering"
 
 
+def _fetched(status: dict) -> str:
+    text = f"{human_bytes(status['fetched_bytes'])} in {status['fetched_objects']} objects"
+    if status.get("small_fetch_ms"):  # absent from daemons before it
+        text += f"; small objects take {status['small_fetch_ms']:.1f} ms"
+    return text
+
+
 def _durability(status: dict) -> str:
     if "cache_durability" not in status:  # a daemon from before batched syncs
         return "-"
@@ -182,7 +189,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         ),
         ("durability", _durability(status)),
         ("misses", status["misses"]),
-        ("fetched", f"{human_bytes(status['fetched_bytes'])} in {status['fetched_objects']} objects"),
+        ("fetched", _fetched(status)),
         ("verify failures", status["verify_failures"]),
         ("fetch errors", status["fetch_errors"]),
         ("store health", _store_health(status)),

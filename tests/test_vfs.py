@@ -485,6 +485,16 @@ def _small_files_dir(root: Path, count: int) -> Path:
     return root / "src"
 
 
+def _pushed_small_files(tmp_path: Path, delay: float):
+    """40 small files in d/ pushed to a SlowStore: (src, store, repo, snapshot_id, file names)."""
+    src = _small_files_dir(tmp_path, 40)
+    store = SlowStore(str(tmp_path / "store"), delay=delay)
+    repo = Repo(store)
+    snapshot_id = push(str(src), repo).snapshot_id
+    names = sorted(p.name for p in (src / "d").iterdir() if p.is_file() and not p.is_symlink())
+    return src, store, repo, snapshot_id, names
+
+
 async def _settle(source: ObjectSource) -> None:
     """Wait for background fetches to finish."""
     with trio.fail_after(10):
@@ -493,11 +503,7 @@ async def _settle(source: ObjectSource) -> None:
 
 
 def test_cold_small_read_prefetches_its_siblings(tmp_path: Path):
-    src = _small_files_dir(tmp_path, 40)
-    store = SlowStore(str(tmp_path / "store"), delay=0)
-    repo = Repo(store)
-    snapshot_id = push(str(src), repo).snapshot_id
-    names = sorted(p.name for p in (src / "d").iterdir() if p.is_file() and not p.is_symlink())
+    src, store, repo, snapshot_id, names = _pushed_small_files(tmp_path, delay=0)
 
     def file_gets(before: int) -> int:
         return sum(1 for k in store.gets[before:] if k.startswith("objects/"))
@@ -561,11 +567,7 @@ def test_cold_small_read_prefetches_its_siblings(tmp_path: Path):
 
 
 def test_no_sibling_prefetch_while_another_read_waits(tmp_path: Path):
-    src = _small_files_dir(tmp_path, 40)
-    store = SlowStore(str(tmp_path / "store"), delay=1.0)
-    repo = Repo(store)
-    snapshot_id = push(str(src), repo).snapshot_id
-    names = sorted(p.name for p in (src / "d").iterdir() if p.is_file() and not p.is_symlink())
+    src, store, repo, snapshot_id, names = _pushed_small_files(tmp_path, delay=1.0)
     # A file of one chunk: its chunk is the file's bytes.
     store.slow_keys.add(fmt.object_key(hash_bytes((src / "d" / names[0]).read_bytes())))
 
@@ -593,11 +595,7 @@ def test_no_sibling_prefetch_while_another_read_waits(tmp_path: Path):
 
 
 def test_slow_store_keeps_sibling_prefetch_beside_other_readers(tmp_path: Path):
-    src = _small_files_dir(tmp_path, 40)
-    store = SlowStore(str(tmp_path / "store"), delay=0.05)
-    repo = Repo(store)
-    snapshot_id = push(str(src), repo).snapshot_id
-    names = sorted(p.name for p in (src / "d").iterdir() if p.is_file() and not p.is_symlink())
+    src, store, repo, snapshot_id, names = _pushed_small_files(tmp_path, delay=0.05)
     for name in names:
         store.slow_keys.add(fmt.object_key(hash_bytes((src / "d" / name).read_bytes())))
 
@@ -713,11 +711,7 @@ def test_the_cache_write_backlog_is_bounded(tmp_path: Path):
     """With the cache disk stalled, fetched bytes queue for writing only up to the
     backlog bound: then prefetches stop and a reader's miss waits for the disk,
     instead of the daemon holding every file it has read in memory."""
-    src = _small_files_dir(tmp_path, 40)
-    store = SlowStore(str(tmp_path / "store"), delay=0)
-    repo = Repo(store)
-    snapshot_id = push(str(src), repo).snapshot_id
-    names = sorted(p.name for p in (src / "d").iterdir() if p.is_file() and not p.is_symlink())
+    src, store, repo, snapshot_id, names = _pushed_small_files(tmp_path, delay=0)
     budget = 50_000  # about five of these files
 
     async def body(fs, source):

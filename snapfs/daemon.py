@@ -1,6 +1,6 @@
 """The mount daemon: checks, daemonising, signals, systemd notify, status, metrics.
 
-Process model (docs/DAEMON.md):
+Process model (docs/OPERATIONS.md):
 - ``snapfs mount`` forks *before* anything opens LMDB, starts a thread or calls
   pyfuse3.init. The child becomes the daemon, mounts, and reports readiness
   through a pipe; the parent exits 0 only when the mount is live, and non-zero
@@ -11,6 +11,10 @@ Process model (docs/DAEMON.md):
   ``auto_unmount``, so even a ``kill -9`` leaves no stale mountpoint behind; a
   mountpoint left stale anyway (e.g. by an older daemon) is detected and lazily
   unmounted before mounting again.
+- ``snapfs status`` asks the daemon over a unix socket (paths.control_sockets);
+  the mount then answers xattr requests with ENOSYS, and the kernel stops
+  sending them. Where the socket cannot be made, the status is the
+  ``user.snapfs.status`` xattr of the mount's root, as before.
 """
 
 from __future__ import annotations

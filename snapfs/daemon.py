@@ -400,7 +400,7 @@ class Daemon:
                 with trio.move_on_after(5):
                     request = b""
                     while b"\n" not in request and len(request) < 1024:
-                        data = await stream.receive_some(1024)
+                        data = await stream.receive_some(1024 - len(request))
                         if not data:
                             break
                         request += data

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import stat
 import subprocess
 import time
@@ -273,6 +274,16 @@ def test_status_comes_from_the_control_socket_and_ls_l_asks_no_xattrs(
     with mounted(tmp_path / "mnt", file_store_url, tmp_path / "cache") as mnt:
         socket_path = status(mnt)["control_socket"]
         assert socket_path and stat.S_ISSOCK(os.stat(socket_path).st_mode)
+        assert stat.S_IMODE(os.stat(socket_path).st_mode) == 0o600  # no --allow-other
+        # Anything but "status" is refused in one line, and an endless request
+        # line is cut at 1 KiB rather than read on.
+        for request in (b"rm -rf /\n", b"x" * 5000):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(10)
+                sock.connect(socket_path)
+                sock.sendall(request)
+                reply = json.loads(sock.makefile("rb").readline())
+            assert reply["error"].startswith("unknown request")
         entries = sum(len(d) + len(f) for _, d, f in os.walk(sample))
         listing = subprocess.run(["ls", "-lR", str(mnt / snapshot_id)], capture_output=True, check=True)
         assert all(os.fsencode(name) in listing.stdout for name in os.listdir(sample))

@@ -334,21 +334,9 @@ class DiskCache:
         if self.max_bytes is not None:
             self.make_room(sum(len(items[i][1]) for i in fresh))
         written = [i for i in fresh if self._write_file(*items[i])]
-        if not written:
-            return results
-        try:
-            self.index.add_many(
-                [(items[i][0], len(items[i][1])) for i in written], pin=pin, unsynced_boot=self.boot
-            )
-        except CacheIndexError as exc:
-            # A file the index does not count would escape the size limit and
-            # eviction: take them back out; the callers serve the bytes they hold.
-            self._unlink_files(items[i][0] for i in written)
-            self.write_failures += len(written)
-            self.note_index_failure(exc, items[written[0]][0])
-            return results
-        for i in written:
-            results[i] = True
+        if written and self.index_new_files([(items[i][0], len(items[i][1])) for i in written], pin=pin):
+            for i in written:
+                results[i] = True
         return results
 
     def _write_file(self, object_id: str, data: bytes) -> bool:
@@ -400,21 +388,27 @@ class DiskCache:
             os.fsync(fd)
 
     def index_new_file(self, object_id: str, size: int, *, pin: str | None = None) -> bool:
-        """Index an object file just renamed into place; False if the index refused.
+        """Index an object file just renamed into place; False if the index refused."""
+        return self.index_new_files([(object_id, size)], pin=pin)
+
+    def index_new_files(self, items: list[tuple[str, int]], *, pin: str | None = None) -> bool:
+        """Index object files just renamed into place, in one transaction; False
+        if the index refused them.
 
         A file the index does not count would escape the size limit and
-        eviction, so on refusal it is taken back out: the caller serves the
-        bytes it holds (or has mapped) uncached.
+        eviction, so on refusal they are taken back out: the callers serve the
+        bytes they hold (or have mapped) uncached.
         """
         try:
-            self.index.add(object_id, size, pin=pin, unsynced_boot=self.boot)
+            self.index.add_many(items, pin=pin, unsynced_boot=self.boot)
         except CacheIndexError as exc:
-            try:
-                os.unlink(self.path(object_id))
-            except OSError:
-                pass
-            self.write_failures += 1
-            self.note_index_failure(exc, object_id)
+            for object_id, _ in items:
+                try:
+                    os.unlink(self.path(object_id))
+                except OSError:
+                    pass
+            self.write_failures += len(items)
+            self.note_index_failure(exc, items[0][0])
             return False
         return True
 
@@ -934,9 +928,9 @@ class ObjectSource:
         per object (see WRITERS)."""
         try:
             while self._write_queue:
-                batch = [self._write_queue.popleft()]
-                size = len(batch[0][1])
                 queue = self._write_queue
+                batch = [queue.popleft()]
+                size = len(batch[0][1])
                 while queue and len(batch) < WRITE_BATCH and size + len(queue[0][1]) <= WRITE_BATCH_BYTES:
                     size += len(queue[0][1])
                     batch.append(queue.popleft())

@@ -50,6 +50,7 @@ from .errors import (
 from .hashing import hash_bytes
 from .index import CacheIndex
 from .linux import boot_id, can_syncfs, syncfs
+from .packs import PackFetcher
 from .repo import Repo
 from .workers import WorkerThreads
 
@@ -474,6 +475,10 @@ class Counters:
     fetch_errors: int = 0
     cache_write_failures: int = 0
     readahead_objects: int = 0
+    #: Whole packs fetched for a packed miss (format.PackRef), and their other
+    #: members queued for the cache with it: files a reader has not asked for yet.
+    pack_fetches: int = 0
+    pack_siblings: int = 0
     #: Misses failed at once because the store was known to be unavailable.
     fast_failures: int = 0
     #: Times a miss waited for cache writes to drain (WRITE_BACKLOG_BYTES).
@@ -559,6 +564,7 @@ class ObjectSource:
         #: up to SMALL_OBJECT bytes: the store's latency as readers see it.
         self.small_fetch_seconds = 0.0
         self.counters = Counters()
+        self.packs = PackFetcher(repo)
         self.on_fetch = on_fetch  # callback(seconds, nbytes) for metrics
         self._nursery: trio.Nursery | None = None
         self._prefetch_slots = trio.Semaphore(16)
@@ -775,8 +781,8 @@ class ObjectSource:
                 started = time.monotonic()
                 try:
                     async with self.fetch_limiter:
-                        data = await self._fetch(
-                            object_id, what, partial(self.repo.get_object, object_id, what, expected_size)
+                        data, siblings = await self._fetch(
+                            object_id, what, partial(self.packs.get, object_id, what, expected_size)
                         )
                 finally:
                     self._fetching_bytes -= announced
@@ -796,6 +802,8 @@ class ObjectSource:
                 self._unwritten[object_id] = data
                 self._unwritten_bytes += len(data)
                 self._queue_write(object_id, data)
+                if siblings:
+                    self._take_siblings(siblings)
             if expected_size is not None and len(data) != expected_size:
                 raise IntegrityError(
                     f"{what} {object_id} is {len(data)} bytes, the tree says {expected_size}"
@@ -815,6 +823,24 @@ class ObjectSource:
         finally:
             del self._flights[object_id]
             flight.done.set()
+
+    def _take_siblings(self, siblings: dict[str, bytes]) -> None:
+        """Queue the verified members of a pack just fetched for the cache, and
+        serve them from memory until they are written: the reader's next files
+        are likely among them. Those cached, in memory or in flight are left."""
+        self.counters.pack_fetches += 1
+        for object_id, data in siblings.items():
+            if (
+                object_id in self._memory
+                or object_id in self._unwritten
+                or object_id in self._flights
+                or self.cache.indexed(object_id)
+            ):
+                continue
+            self._unwritten[object_id] = data
+            self._unwritten_bytes += len(data)
+            self._queue_write(object_id, data)
+            self.counters.pack_siblings += 1
 
     # --- write backlog (WRITE_BACKLOG_BYTES) --------------------------------
 

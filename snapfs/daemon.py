@@ -264,6 +264,8 @@ class Daemon:
             "store_unavailable_seconds": round(self.source.store_unavailable_for, 1),
             "cache_write_failures": counters.cache_write_failures,
             "readahead_objects": counters.readahead_objects,
+            "pack_fetches": counters.pack_fetches,
+            "pack_siblings": counters.pack_siblings,
             "write_backlog_bytes": self.source.write_backlog,
             "backlog_waits": counters.backlog_waits,
             "cache_bytes": total,

@@ -384,11 +384,146 @@ def decode_record(data: bytes, what: str = "record") -> dict:
     return record
 
 
+# --- packs ------------------------------------------------------------------
+#
+# On S3 a push stores small objects several hundred to a pack, because a cold
+# read of many small files costs one GET each otherwise (docs/FORMAT.md §
+# "Packs"). A pack is ``packs/ab/cdef…``, keyed by the BLAKE3 of its bytes:
+#
+#     "SNAPPACK" | version u8 | count u32 | count x (id 32 bytes | length u32) | members' bytes
+#
+# Each packed object keeps its key, ``objects/ab/cdef…``, which then holds a
+# 57-byte reference instead of the object's bytes:
+#
+#     "SNAPPREF" | version u8 | pack id 32 bytes | offset u64 | length u32 | pack size u32
+#
+# So every existing question ("is this object stored?", "which objects are
+# there?") keeps its answer, and the object's ID is still the hash of its own
+# bytes: a reader follows the reference and hashes what it finds there. A
+# reference is never trusted: it can only point a reader at bytes that must
+# hash to the ID it asked for.
+
+PACK_MAGIC = b"SNAPPACK"
+PACK_REF_MAGIC = b"SNAPPREF"
+_PACK_HEADER = struct.Struct(">8sBI")
+_PACK_REF = struct.Struct(">8sB32sQII")
+PACK_REF_SIZE = _PACK_REF.size
+PACK_HEADER_SIZE = _PACK_HEADER.size
+#: Bounds for hostile packs: well above what a push writes (PACK_TARGET in snapshot.py).
+MAX_PACK_SIZE = 64 << 20
+MAX_PACK_MEMBERS = 1 << 16
+
+
+@dataclass(frozen=True)
+class PackRef:
+    """Where a packed object's bytes are: ``length`` bytes at ``offset`` of a pack."""
+
+    pack_id: str
+    offset: int
+    length: int
+    pack_size: int
+
+
+def pack_header_size(count: int) -> int:
+    return PACK_HEADER_SIZE + count * _CHUNK.size
+
+
+def encode_pack(members: Sequence[tuple[str, bytes]]) -> tuple[bytes, list[PackRef]]:
+    """A pack of ``members`` (id, bytes), in the order given, and a PackRef for each.
+
+    The refs name the pack by its hash, so they come out with it."""
+    if not members or len(members) > MAX_PACK_MEMBERS:
+        raise ValueError(f"a pack holds 1 to {MAX_PACK_MEMBERS} objects, not {len(members)}")
+    if len({object_id for object_id, _ in members}) != len(members):
+        raise ValueError("a pack holds each object once")
+    parts = [_PACK_HEADER.pack(PACK_MAGIC, FORMAT_VERSION, len(members))]
+    parts += [_CHUNK.pack(bytes.fromhex(object_id), len(data)) for object_id, data in members]
+    parts += [data for _, data in members]
+    blob = b"".join(parts)
+    if len(blob) > MAX_PACK_SIZE:
+        raise ValueError(f"a pack is at most {MAX_PACK_SIZE} bytes, not {len(blob)}")
+    pack_id = hash_bytes(blob)
+    refs = []
+    offset = pack_header_size(len(members))
+    for _, data in members:
+        refs.append(PackRef(pack_id, offset, len(data), len(blob)))
+        offset += len(data)
+    return blob, refs
+
+
+def pack_member_count(head: bytes | memoryview, what: str = "pack") -> int:
+    """The member count in the first PACK_HEADER_SIZE bytes of a pack, validated."""
+    if len(head) < PACK_HEADER_SIZE:
+        raise FormatError(f"{what}: truncated header")
+    magic, version, count = _PACK_HEADER.unpack_from(head, 0)
+    _check_version(magic, version, PACK_MAGIC, what)
+    if not 1 <= count <= MAX_PACK_MEMBERS:
+        raise FormatError(f"{what}: {count} members (1 to {MAX_PACK_MEMBERS} allowed)")
+    return count
+
+
+def decode_pack_table(data: bytes | memoryview, what: str = "pack") -> list[tuple[str, int, int]]:
+    """The (id, offset, length) of every member, from a pack's first
+    ``pack_header_size(count)`` bytes (or more), validated."""
+    count = pack_member_count(data, what)
+    offset = pack_header_size(count)
+    if offset > len(data):
+        raise FormatError(f"{what}: truncated member table")
+    members = []
+    seen = set()
+    for i in range(count):
+        digest, length = _CHUNK.unpack_from(data, PACK_HEADER_SIZE + i * _CHUNK.size)
+        if digest in seen:
+            raise FormatError(f"{what}: member {digest.hex()} listed twice")
+        seen.add(digest)
+        members.append((digest.hex(), offset, length))
+        offset += length
+    if offset > MAX_PACK_SIZE:
+        raise FormatError(f"{what}: members add up to {offset} bytes, more than {MAX_PACK_SIZE}")
+    return members
+
+
+def decode_pack(data: bytes | memoryview, what: str = "pack") -> list[tuple[str, int, int]]:
+    """The (id, offset, length) of every member of a whole pack, validated.
+
+    Validates the layout only: each member's bytes are checked against its ID
+    by the caller, which is the only check that makes them trusted."""
+    members = decode_pack_table(data, what)
+    _, offset, length = members[-1]
+    if offset + length != len(data):
+        raise FormatError(f"{what}: members cover {offset + length} bytes, the pack has {len(data)}")
+    return members
+
+
+def encode_pack_ref(ref: PackRef) -> bytes:
+    return _PACK_REF.pack(
+        PACK_REF_MAGIC, FORMAT_VERSION, bytes.fromhex(ref.pack_id), ref.offset, ref.length, ref.pack_size
+    )
+
+
+def decode_pack_ref(data: bytes, what: str = "object") -> PackRef | None:
+    """The PackRef that ``data`` encodes; None if it is not one; FormatError if it is a
+    malformed one (the right magic, but a layout no encoder writes)."""
+    if len(data) != PACK_REF_SIZE or not data.startswith(PACK_REF_MAGIC):
+        return None
+    magic, version, digest, offset, length, pack_size = _PACK_REF.unpack(data)
+    _check_version(magic, version, PACK_REF_MAGIC, what)
+    if not 0 < pack_size <= MAX_PACK_SIZE:
+        raise FormatError(f"{what}: reference to a pack of {pack_size} bytes")
+    if length < 1 or offset < pack_header_size(1) or offset + length > pack_size:
+        raise FormatError(f"{what}: reference to bytes {offset}-{offset + length} of a {pack_size}-byte pack")
+    return PackRef(digest.hex(), offset, length, pack_size)
+
+
 # --- store keys ------------------------------------------------------------
 
 
 def object_key(object_id: str) -> str:
     return f"objects/{object_id[:2]}/{object_id[2:]}"
+
+
+def pack_key(pack_id: str) -> str:
+    return f"packs/{pack_id[:2]}/{pack_id[2:]}"
 
 
 def record_key(record_id: str) -> str:

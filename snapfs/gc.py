@@ -19,6 +19,11 @@ Safety, in order (docs/RECORDS.md has the full argument):
    stalled past the stale timeout stops instead of deleting.
 5. Any reachable tree or chunk list that cannot be read aborts the run:
    without it, gc cannot know which chunks it references.
+6. Packs (format.PackRef) go last, after the references to them: a pack is
+   deleted only if it is older than the grace period and none of the members
+   its own table lists is reachable or young. A pack whose table cannot be
+   read is kept. Packs with some live members are kept whole; the bytes of
+   their dead members are reported (``pack_dead_bytes``), for a repack to free.
 
 Synchronous; deletions and reads run in a bounded thread pool.
 """
@@ -66,7 +71,7 @@ def parse_duration(text: str) -> float:
 
 @dataclass
 class Freed:
-    kind: str  # "tree", "chunklist" or "chunk"
+    kind: str  # "tree", "chunklist", "chunk" or "pack"
     object_id: str
     size: int
 
@@ -80,6 +85,9 @@ class GcReport:
     reachable_bytes: int = 0
     young_objects: int = 0
     young_bytes: int = 0
+    packs_kept: int = 0
+    pack_bytes_kept: int = 0
+    pack_dead_bytes: int = 0  # unreachable members inside kept packs
     freed: list[Freed] = field(default_factory=list)
     dangling_tags: list[str] = field(default_factory=list)
 
@@ -102,6 +110,9 @@ class GcReport:
             "reachable_bytes": self.reachable_bytes,
             "young_objects": self.young_objects,
             "young_bytes": self.young_bytes,
+            "packs_kept": self.packs_kept,
+            "pack_bytes_kept": self.pack_bytes_kept,
+            "pack_dead_bytes": self.pack_dead_bytes,
             "freed_objects": len(self.freed),
             "freed_bytes": self.freed_bytes,
             "freed_by_kind": self.counts(),
@@ -221,6 +232,30 @@ def _objects(repo: Repo) -> Iterator[tuple[str, int, float]]:
         yield object_id, info.size, info.mtime
 
 
+def _packs(repo: Repo) -> Iterator[tuple[str, int, float]]:
+    for info in repo.store.list("packs/"):
+        parts = info.key.split("/")
+        pack_id = parts[1] + parts[2] if len(parts) == 3 else ""
+        if len(parts) != 3 or not is_object_id(pack_id) or fmt.pack_key(pack_id) != info.key:
+            log.warning("gc leaves %s alone: not a pack key", info.key)
+            continue
+        yield pack_id, info.size, info.mtime
+
+
+def _pack_members(repo: Repo, pack_id: str) -> list[tuple[str, int, int]] | None:
+    """The member table of a pack ([] if it is gone, None if it cannot be read)."""
+    key = fmt.pack_key(pack_id)
+    what = f"pack {pack_id} in {repo.url}"
+    try:
+        count = fmt.pack_member_count(repo.store.get(key, 0, fmt.PACK_HEADER_SIZE), what)
+        return fmt.decode_pack_table(repo.store.get(key, 0, fmt.pack_header_size(count)), what)
+    except NotFoundError:
+        return []
+    except SnapfsError as exc:  # FormatError, or the store failing on this one
+        log.warning("gc keeps %s: cannot read its member table: %s", what, exc)
+        return None
+
+
 def collect(
     repo: Repo,
     *,
@@ -248,6 +283,7 @@ def collect(
         # writes nothing, so it uses this machine's clock instead.
         now = held.store_now() if held is not None else time.time()
         candidates: dict[str, int] = {}
+        young: set[str] = set()
         for object_id, size, mtime in _objects(repo):
             if object_id in keep:
                 report.reachable_objects += 1
@@ -255,6 +291,7 @@ def collect(
             elif now - mtime < grace:
                 report.young_objects += 1
                 report.young_bytes += size
+                young.add(object_id)
             else:
                 candidates[object_id] = size
 
@@ -285,6 +322,43 @@ def collect(
                     held.check()
                 for _ in pool.map(delete, layer[start : start + _BATCH]):
                     pass
+
+        # 6. Packs, after every reference to them is gone.
+        old_packs: dict[str, int] = {}
+        for pack_id, size, mtime in _packs(repo):
+            if now - mtime < grace:
+                report.packs_kept += 1
+                report.pack_bytes_kept += size
+            else:
+                old_packs[pack_id] = size
+        dead_packs = []
+        for pack_id, members in zip(
+            old_packs, pool.map(lambda p: _pack_members(repo, p), list(old_packs)), strict=True
+        ):
+            live = None if members is None else [m for m in members if m[0] in keep or m[0] in young]
+            if live is None or live:
+                report.packs_kept += 1
+                report.pack_bytes_kept += old_packs[pack_id]
+                if members:
+                    live_ids = {m[0] for m in live or ()}
+                    report.pack_dead_bytes += sum(m[2] for m in members if m[0] not in live_ids)
+            else:
+                dead_packs.append(pack_id)
+
+        def delete_pack(pack_id: str) -> None:
+            if not dry_run:
+                repo.store.delete(fmt.pack_key(pack_id))
+            freed = Freed("pack", pack_id, old_packs[pack_id])
+            with report_lock:
+                report.freed.append(freed)
+            if on_freed:
+                on_freed(freed)
+
+        for start in range(0, len(dead_packs), _BATCH):
+            if held is not None:
+                held.check()
+            for _ in pool.map(delete_pack, dead_packs[start : start + _BATCH]):
+                pass
 
         gone = {f.object_id for f in report.freed}
         for tag, snapshot_id in records.tag_keys(repo):

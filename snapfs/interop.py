@@ -37,6 +37,7 @@ from .errors import IntegrityError, SnapfsError
 from .format import ChunkRef, Entry
 from .hashing import hash_bytes
 from .locks import PushLock
+from .packs import PACK_MIN, pack_batches, put_objects
 from .paths import user_cache_dir
 from .repo import Repo
 from .snapdir_repo import SnapdirRepo, SnapdirSnapshot, fetch_object_to_fd, hash_fd
@@ -213,6 +214,24 @@ class _Importer:
         else:
             self._count(self.dest.put_object(bytes(data), chunk_id), len(data))
 
+    def pack_objects(self, batch: list[tuple[str, int]]) -> list[tuple[str, list[ChunkRef]]]:
+        """Small objects (one chunk each, the whole file) the destination lacks, as one pack."""
+        missing = []
+        for checksum, size in batch:
+            if self.dest.has_object(checksum):
+                self._count(False, size)
+            else:
+                missing.append((checksum, self.source.get_chunk(checksum, size)))
+                with self.lock:
+                    self.result.fetched_objects += 1
+                    self.result.fetched_bytes += size
+        put_objects(self.dest, missing)
+        for _checksum, data in missing:
+            self._count(True, len(data))
+        if self.progress:
+            self.progress(sum(size for _, size in batch))
+        return [(checksum, [(checksum, size)]) for checksum, size in batch]
+
     def chunk_object(self, item: tuple[str, int]) -> tuple[str, list[ChunkRef]]:
         """Fetch one object, verify it, chunk it and upload the missing chunks."""
         checksum, size = item
@@ -280,7 +299,19 @@ def import_snapshot(
             with ThreadPoolExecutor(
                 max_workers=_jobs(dest, jobs), thread_name_prefix="snapfs-import"
             ) as pool:
-                refs = dict(pool.map(importer.chunk_object, objects))
+                refs: dict[str, list[ChunkRef]] = {}
+                rest = objects
+                if dest.packs_small_objects:
+                    # In manifest order, so that a directory's small files share packs.
+                    order = dict.fromkeys(e.checksum for e in snapshot.entries if e.kind == sd.KIND_FILE)
+                    small = {c: snapshot.sizes[c] for c in order if PACK_MIN <= snapshot.sizes[c] <= MIN_SIZE}
+                    batches, _ = pack_batches(small)
+                    for pairs in pool.map(
+                        importer.pack_objects, [[(c, small[c]) for c in b] for b in batches]
+                    ):
+                        refs.update(pairs)
+                    rest = [(c, size) for c, size in objects if c not in small]
+                refs.update(pool.map(importer.chunk_object, rest))
                 root_id = _upload_trees(dest, snapshot, refs, importer, pool)
             result.snapshot_id = root_id
             if lock.held():

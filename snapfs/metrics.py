@@ -37,6 +37,11 @@ _COUNTERS = {
         "snapfs_backlog_waits",
         "Misses that waited for the cache disk: the write backlog was full",
     ),
+    "pack_fetches": ("snapfs_pack_fetches", "Whole packs of small objects fetched for a miss"),
+    "pack_siblings": (
+        "snapfs_pack_siblings",
+        "Objects cached because they came in a pack fetched for another object's miss",
+    ),
     "cache_sync_failures": (
         "snapfs_cache_sync_failures",
         "Periodic syncs of new cache files that failed; a reboot drops what they left unsynced",

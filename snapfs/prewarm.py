@@ -22,6 +22,7 @@ from . import format as fmt
 from .cache import DiskCache, UnavailableStreak
 from .errors import CacheFullError, NotFoundError, SnapfsError
 from .format import Entry
+from .packs import PackFetcher
 from .repo import Repo
 
 log = logging.getLogger(__name__)
@@ -260,35 +261,63 @@ def prewarm(
     # is not tried: each would pay the client's whole retry budget (minutes for a
     # hung store) only to fail too.
     streak = UnavailableStreak()
+    # A packed object comes with its pack: the members this prewarm wants are
+    # written with it, and their own turn finds them done.
+    packs = PackFetcher(repo, keep_bytes=8 << 20)
+    done: set[str] = set()
+    # By object: one that failed on its own turn may still arrive with a pack
+    # another thread fetched, and is then no failure.
+    failures: dict[str, str] = {}
 
     def fetch(item: tuple[str, int]) -> None:
         object_id, size = item
+        with lock:
+            if object_id in done:
+                return
         if disk_full.is_set():
             # Fetching the rest would only throw it away (and one log line each would
             # bury the reason): listed as failed, unlogged.
             with lock:
-                result.failed.append(f"{object_id}: not fetched, the cache disk {cache.directory} is full")
+                failures[object_id] = f"{object_id}: not fetched, the cache disk {cache.directory} is full"
             return
         if result.store_unavailable is not None:
             with lock:
-                result.failed.append(f"{object_id}: not fetched, the store is unavailable")
+                failures[object_id] = f"{object_id}: not fetched, the store is unavailable"
             return
         try:
-            data = repo.get_object(object_id, "chunk", size)
+            data, siblings = packs.get(object_id, "chunk", size)
             if len(data) != size:
                 raise SnapfsError(f"chunk {object_id} is {len(data)} bytes, the tree says {size}")
-            if not cache.insert(object_id, data, pin=pin_name, verified=True):
+            # Each object is written by one thread: the first to claim it in `done`.
+            with lock:
+                if object_id in done:
+                    return  # it came with a pack another thread fetched, and is written there
+                done.add(object_id)
+                batch = [(object_id, data)]
+                for sibling_id, sibling in siblings.items():
+                    if the_plan.missing.get(sibling_id) == len(sibling) and sibling_id not in done:
+                        batch.append((sibling_id, sibling))
+                        done.add(sibling_id)
+            written = cache.insert_many(batch, pin=pin_name, verified=True)
+            if not all(written):
+                with lock:
+                    done.difference_update(oid for (oid, _), ok in zip(batch, written, strict=True) if not ok)
+                    for (oid, _), ok in zip(batch[1:], written[1:], strict=True):
+                        if not ok:
+                            failures[oid] = f"{oid}: could not be written to the cache"
                 if cache.disk_full:
                     disk_full.set()
-                    raise CacheFullError(
-                        f"cannot write object {object_id}: the cache disk {cache.directory} is full "
-                        "(no space left on device); free space or lower --cache-size, then rerun"
-                    )
-                raise SnapfsError(f"could not write object {object_id} to the cache {cache.directory}")
+                if not written[0]:
+                    if cache.disk_full:
+                        raise CacheFullError(
+                            f"cannot write object {object_id}: the cache disk {cache.directory} is full "
+                            "(no space left on device); free space or lower --cache-size, then rerun"
+                        )
+                    raise SnapfsError(f"could not write object {object_id} to the cache {cache.directory}")
         except (NotFoundError, SnapfsError) as exc:
             log.error("prewarm of %s: %s", snapshot_id, exc)
             with lock:
-                result.failed.append(f"{object_id}: {exc}")
+                failures[object_id] = f"{object_id}: {exc}"
                 if streak.record(exc) and result.store_unavailable is None:
                     result.store_unavailable = str(exc)
                     log.error(
@@ -297,18 +326,21 @@ def prewarm(
                         streak.count,
                     )
             return
+        landed = [(oid, len(d)) for (oid, d), ok in zip(batch, written, strict=True) if ok]
+        landed_bytes = sum(n for _, n in landed)
         with lock:
             streak.record(None)
-            result.fetched_objects += 1
-            result.fetched_bytes += size
+            result.fetched_objects += len(landed)
+            result.fetched_bytes += landed_bytes
         if progress:
-            progress(size, 1)
+            progress(landed_bytes, len(landed))
 
     # Largest first keeps every connection busy to the end instead of ending on one big object.
     items = sorted(the_plan.missing.items(), key=lambda kv: -kv[1])
     with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="snapfs-prewarm") as pool:
         for _ in pool.map(fetch, items):
             pass
+    result.failed = [message for object_id, message in failures.items() if object_id not in done]
     cache.flush_touches()
     cache.index.remember_snapshot(snapshot_id)
     result.seconds = time.monotonic() - started

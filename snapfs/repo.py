@@ -9,6 +9,7 @@ Store layout (docs/FORMAT.md):
     snapshots/<id>       a snapshot is visible once this marker exists
     records/<id>         immutable JSON records (names, lineage, context)
     names/<name>         create-once pointers to a record
+    packs/ab/cdef…       small objects packed together (S3); their objects/ keys hold references
     snapfs.json          the store's format version
 
 Thread-safe: it holds no mutable state besides the Store.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -62,6 +64,10 @@ def get_bounded(store: Store, key: str, max_size: int | None, what: str) -> byte
 
 
 class Repo:
+    #: Whether objects may be packed (format.PackRef): readers of many objects
+    #: then go through snapfs.packs.PackFetcher. False for snapdir stores.
+    holds_packs = True
+
     def __init__(self, store: Store) -> None:
         self.store = store
 
@@ -86,17 +92,96 @@ class Repo:
 
         A corrupt object is refetched once (it may have been a torn transfer)
         before IntegrityError is raised. With ``max_size`` (a chunk's length
-        from its tree) no more than that is read: see get_bounded.
+        from its tree) no more than that is read: see get_bounded. A packed
+        object costs a second, ranged, GET into its pack (see get_object_or_ref
+        for readers that want the whole pack instead).
         """
+        found = self.get_object_or_ref(object_id, what, max_size)
+        if isinstance(found, fmt.PackRef):
+            return self.get_packed(object_id, found, what)
+        return found
+
+    def get_object_or_ref(
+        self, object_id: str, what: str = "object", max_size: int | None = None
+    ) -> bytes | fmt.PackRef:
+        """An object's verified bytes, or, for a packed object, where in its pack they are."""
         key = fmt.object_key(object_id)
         for attempt in (1, 2):
+            # A reference (PACK_REF_SIZE, 57 bytes) is smaller than any object a
+            # push packs (packs.PACK_MIN), so the bound of a packed object fits it.
             data = get_bounded(self.store, key, max_size, f"{what} {object_id} in {self.url}")
             actual = hash_bytes(data)
             if actual == object_id:
                 return data
+            try:
+                ref = fmt.decode_pack_ref(data, f"{what} {object_id} in {self.url}")
+            except FormatError as exc:
+                raise IntegrityError(str(exc)) from None
+            if ref is not None:
+                if max_size is not None and ref.length > max_size:
+                    raise IntegrityError(
+                        f"{what} {object_id} in {self.url} is packed as {ref.length} bytes, "
+                        f"more than the {max_size} expected"
+                    )
+                return ref
             # INFO, not WARNING: the caller reports the final failure in one line.
             log.info("%s %s from %s hashes to %s (attempt %d)", what, object_id, self.url, actual, attempt)
         raise IntegrityError(f"{what} {object_id} in {self.url} is corrupt: its bytes hash to {actual}")
+
+    def get_packed(self, object_id: str, ref: fmt.PackRef, what: str = "object") -> bytes:
+        """A packed object's bytes, by a ranged GET of its pack, verified (refetched once)."""
+        key = fmt.pack_key(ref.pack_id)
+        for attempt in (1, 2):
+            data = self.store.get(key, ref.offset, ref.length)
+            if len(data) == ref.length and hash_bytes(data) == object_id:
+                return data
+            log.info(
+                "%s %s from pack %s of %s is corrupt (attempt %d)",
+                what,
+                object_id,
+                ref.pack_id,
+                self.url,
+                attempt,
+            )
+        raise IntegrityError(
+            f"{what} {object_id} in pack {ref.pack_id} of {self.url} is corrupt: "
+            f"{len(data)} bytes that do not hash to its ID"
+        )
+
+    def fetch_pack(self, ref: fmt.PackRef, what: str = "object") -> dict[str, bytes]:
+        """Every member of the pack ``ref`` points into whose bytes hash to its ID.
+
+        One GET for the whole pack. Members that fail their check are left out
+        (and logged): the caller asks for the one it wanted with get_packed,
+        which tries again and raises IntegrityError."""
+        key = fmt.pack_key(ref.pack_id)
+        where = f"pack {ref.pack_id} of {self.url}"
+        blob = get_bounded(self.store, key, ref.pack_size, where)
+        try:
+            members = fmt.decode_pack(blob, where)
+        except FormatError as exc:
+            log.warning("%s", exc)
+            return {}
+        view = memoryview(blob)
+        out: dict[str, bytes] = {}
+        for member_id, offset, length in members:
+            data = view[offset : offset + length]
+            if hash_bytes(data) == member_id:
+                out[member_id] = bytes(data)
+            else:
+                log.warning("%s: member %s is corrupt", where, member_id)
+        return out
+
+    def put_pack(self, blob: bytes, pack_id: str) -> None:
+        """Upload a pack. Unconditional: a pack is named by its hash, so a racing
+        writer of the same name writes the same bytes."""
+        self.store.put(fmt.pack_key(pack_id), blob)
+
+    @property
+    def packs_small_objects(self) -> bool:
+        """Whether pushes to this store pack small objects: on S3, where every
+        object read cold is a request, unless SNAPFS_PACK=0."""
+        return self.url.startswith("s3://") and os.environ.get("SNAPFS_PACK", "1") != "0"
 
     def list_object_ids(self, candidates: int) -> set[str] | None:
         """The store's object IDs, if one LIST is cheaper than ``candidates`` HEADs; else None.

@@ -184,6 +184,8 @@ def fetch_object_to_fd(
 class SnapdirRepo(Repo):
     """A read-only Repo over a snapdir store (see the module docstring)."""
 
+    holds_packs = False
+
     def __init__(self, store: Store, *, max_object: int | None = None) -> None:
         super().__init__(store)
         self.max_object = max_object if max_object is not None else max_object_bytes()
@@ -355,6 +357,10 @@ class SnapdirRepo(Repo):
         raise IntegrityError(
             f"snapdir object {object_id} in {self.url} is corrupt: its bytes hash to {actual}"
         )
+
+    def get_object_or_ref(self, object_id: str, what: str = "object", max_size: int | None = None) -> bytes:
+        """snapdir stores have no packs: always the object's bytes."""
+        return self.get_object(object_id, what, max_size)
 
     def get_chunk(self, chunk_id: str, length: int | None = None) -> bytes:
         if length is not None and length > self.max_object:

@@ -29,8 +29,9 @@ from .format import ChunkRef, Entry
 from .hashing import hash_bytes, is_object_id
 from .links import LinkResolution
 from .locks import PushLock
+from .packs import PackFetcher, pack_batches, put_objects
 from .paths import pull_state_dir
-from .repo import Repo, content_id
+from .repo import Repo, content_id, get_bounded
 from .scan import ScanResult, scan
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class PushResult:
     uploaded_objects: int = 0
     present_bytes: int = 0
     present_objects: int = 0
+    packs: int = 0  # packs uploaded (format.PackRef): the small objects above travel in these
     skipped_special: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -68,6 +70,11 @@ class _Counter:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.uploaded_bytes = self.uploaded_objects = self.present_bytes = self.present_objects = 0
+        self.packs = 0
+
+    def add_pack(self) -> None:
+        with self.lock:
+            self.packs += 1
 
     def add(self, sent: bool, size: int) -> None:
         with self.lock:
@@ -96,6 +103,7 @@ def _upload_objects(
     *,
     jobs: int | None = None,
     progress: Progress = None,
+    pack: bool | None = None,
 ) -> PushResult:
     """Upload what the store lacks of a scanned tree, bottom-up (everything but the marker)."""
     result = PushResult(scanned.root_id, scanned.files, scanned.dirs, scanned.total_bytes)
@@ -125,7 +133,9 @@ def _upload_objects(
         # 2. Chunks of every file in a missing tree, each unique chunk once.
         chunk_tasks: dict[str, tuple[bytes, int, int]] = {}
         chunklists: set[str] = set()
-        for tree_id in missing:
+        # In scan order (post-order), not set order: a directory's files then
+        # sit side by side in the upload, and so in the same packs.
+        for tree_id in (t for t in scanned.trees if t in missing):
             base = scanned.tree_paths[tree_id]
             for entry in fmt.decode_tree(scanned.trees[tree_id]):
                 if not entry.is_file:
@@ -159,6 +169,30 @@ def _upload_objects(
             if progress:
                 progress(length)
 
+        packed: list[list[tuple[str, tuple[bytes, int, int]]]] = []
+        if pack if pack is not None else repo.packs_small_objects:
+            batches, rest = pack_batches({chunk_id: task[2] for chunk_id, task in chunk_tasks.items()})
+            packed = [[(chunk_id, chunk_tasks[chunk_id]) for chunk_id in batch] for batch in batches]
+            chunk_tasks = {chunk_id: chunk_tasks[chunk_id] for chunk_id in rest}
+
+        def put_batch(batch: list[tuple[str, tuple[bytes, int, int]]]) -> None:
+            missing_here = []
+            for chunk_id, (path, offset, length) in batch:
+                if chunk_id in listed if listed is not None else repo.has_object(chunk_id):
+                    counter.add(False, length)
+                else:
+                    missing_here.append((chunk_id, _read_chunk(path, offset, length, chunk_id)))
+            if put_objects(repo, missing_here):
+                counter.add_pack()
+            for _chunk_id, data in missing_here:
+                counter.add(True, len(data))
+            if progress:
+                progress(sum(length for _, (_p, _o, length) in batch))
+
+        # Packs first: each is one task of many objects, and the big chunks after
+        # them keep every connection busy to the end.
+        for _ in pool.map(put_batch, packed):
+            pass
         for _ in pool.map(put_chunk, chunk_tasks.items()):
             pass
 
@@ -188,6 +222,7 @@ def _upload_objects(
     result.uploaded_objects = counter.uploaded_objects
     result.present_bytes = counter.present_bytes
     result.present_objects = counter.present_objects
+    result.packs = counter.packs
     return result
 
 
@@ -197,17 +232,19 @@ def upload(
     *,
     jobs: int | None = None,
     progress: Progress = None,
+    pack: bool | None = None,
 ) -> PushResult:
     """Upload what the store lacks of a scanned tree, bottom-up, then mark the snapshot.
 
     Runs under a push lock (snapfs.locks): a present object that this push skips
     cannot be deleted by a concurrent gc before the marker makes it reachable.
     If the lock lapsed (this process stalled past the stale timeout), the upload
-    is checked again under a new lock before anything is marked.
+    is checked again under a new lock before anything is marked. ``pack``:
+    whether to pack small objects (None: the store's default, Repo.packs_small_objects).
     """
     for _attempt in (1, 2):
         with PushLock(repo.store) as lock:
-            result = _upload_objects(repo, scanned, jobs=jobs, progress=progress)
+            result = _upload_objects(repo, scanned, jobs=jobs, progress=progress, pack=pack)
             if lock.held():
                 # 4. Only now can anyone see it.
                 repo.mark_snapshot(scanned.root_id)
@@ -223,9 +260,10 @@ def push(
     jobs: int | None = None,
     scan_progress: Progress = None,
     upload_progress: Progress = None,
+    pack: bool | None = None,
 ) -> PushResult:
     scanned = scan(path, progress=scan_progress)
-    return upload(repo, scanned, jobs=jobs, progress=upload_progress)
+    return upload(repo, scanned, jobs=jobs, progress=upload_progress, pack=pack)
 
 
 # --- walking ---------------------------------------------------------------
@@ -378,6 +416,10 @@ def prepare_destination(dest: str, snapshot_id: str, force: bool) -> bytes:
     return dest_b
 
 
+#: Members of packs fetched by a pull that it has not written yet (PackFetcher).
+PULL_KEEP_BYTES = 128 << 20
+
+
 def pull(
     repo: Repo,
     snapshot_id: str,
@@ -393,6 +435,11 @@ def pull(
     result = PullResult(snapshot_id)
     n = _jobs_for(repo, jobs)
     lock = threading.Lock()
+    # Packed small files come a pack at a time: the pack's other members are
+    # the files this walk reaches next.
+    get_chunk = (
+        PackFetcher(repo, keep_bytes=PULL_KEEP_BYTES).get_chunk if repo.holds_packs else repo.get_chunk
+    )
     with (
         ThreadPoolExecutor(max_workers=n, thread_name_prefix="snapfs-pull") as file_pool,
         ThreadPoolExecutor(max_workers=n, thread_name_prefix="snapfs-fetch") as chunk_pool,
@@ -424,7 +471,7 @@ def pull(
                 sizes = dict(chunks)
 
                 def fetch(chunk_id: str) -> None:
-                    data = repo.get_chunk(chunk_id, sizes[chunk_id])  # verified before any byte is written
+                    data = get_chunk(chunk_id, sizes[chunk_id])  # verified before any byte is written
                     for at in places[chunk_id]:
                         os.pwrite(fd, data, at)
                     if progress:
@@ -648,6 +695,14 @@ def fsck(
     lock = threading.Lock()
 
     if read_data:
+        # Packed objects (format.PackRef): each pack is read once, whole, and
+        # each reference's range of it must hash to the reference's object ID.
+        packed: dict[str, list[tuple[str, fmt.PackRef]]] = {}
+
+        def damaged(object_id: str, how: str = "") -> None:
+            with lock:
+                report.corrupt.append(object_id + how)
+            present.discard(object_id)
 
         def check(item: tuple[str, int]) -> None:
             object_id, size = item
@@ -656,14 +711,42 @@ def fsck(
             except NotFoundError:
                 return  # deleted since listing (gc); not damage
             if hash_bytes(data) != object_id:
-                with lock:
-                    report.corrupt.append(object_id)
-                present.discard(object_id)
+                try:
+                    ref = fmt.decode_pack_ref(data)
+                except fmt.FormatError as exc:
+                    damaged(object_id, f" ({exc})")
+                else:
+                    if ref is None:
+                        damaged(object_id)
+                    else:
+                        with lock:
+                            packed.setdefault(ref.pack_id, []).append((object_id, ref))
             if progress:
                 progress(size)
 
+        def check_pack(item: tuple[str, list[tuple[str, fmt.PackRef]]]) -> None:
+            pack_id, refs = item
+            try:
+                blob = get_bounded(repo.store, fmt.pack_key(pack_id), fmt.MAX_PACK_SIZE, f"pack {pack_id}")
+            except NotFoundError:
+                for object_id, _ref in refs:
+                    present.discard(object_id)  # the walk below reports each as missing
+                return
+            except IntegrityError as exc:
+                blob = b""
+                log.warning("%s", exc)
+            view = memoryview(blob)
+            for object_id, ref in refs:
+                data = view[ref.offset : ref.offset + ref.length]
+                if len(data) != ref.length or hash_bytes(data) != object_id:
+                    damaged(object_id, f" (in pack {pack_id})")
+            with lock:
+                report.bytes += len(blob)
+
         with ThreadPoolExecutor(max_workers=_jobs_for(repo, jobs), thread_name_prefix="snapfs-fsck") as pool:
             for _ in pool.map(check, keys):
+                pass
+            for _ in pool.map(check_pack, packed.items()):
                 pass
 
     checked_trees: set[str] = set()

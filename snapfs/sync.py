@@ -43,6 +43,7 @@ from . import records
 from .errors import AlreadyExistsError, IntegrityError, NotFoundError, SnapfsError, UsageError
 from .hashing import hash_bytes
 from .locks import PushLock
+from .packs import PackFetcher, pack_batches, put_objects
 from .repo import Repo
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,10 @@ def select(source: Repo, refs: Iterable[str], *, everything: bool = False) -> _S
     return _Selection(list(snapshots), chosen, names, tags)
 
 
+#: Members of packs fetched from the source that the copy has not written yet.
+SYNC_KEEP_BYTES = 128 << 20
+
+
 class _Copier:
     """One sync's object copy; methods run in worker threads."""
 
@@ -125,6 +130,10 @@ class _Copier:
         self.lock = threading.Lock()
         #: Object IDs a LIST of the destination found, replacing one HEAD per chunk.
         self.listed: set[str] | None = None
+        # Packed small objects come a pack at a time (snapfs.packs), and go
+        # into packs again where the destination packs them.
+        self.fetcher = PackFetcher(source, keep_bytes=SYNC_KEEP_BYTES) if source.holds_packs else None
+        self.packs = dest.packs_small_objects
 
     def count(self, copied: bool, size: int) -> None:
         with self.lock:
@@ -139,14 +148,37 @@ class _Copier:
         self.dest.put_new_object(data, object_id)
         self.count(True, len(data))
 
+    def present(self, object_id: str) -> bool:
+        return object_id in self.listed if self.listed is not None else self.dest.has_object(object_id)
+
+    def get_chunk(self, chunk_id: str, length: int) -> bytes:
+        """Verified, length checked."""
+        if self.fetcher is not None:
+            return self.fetcher.get_chunk(chunk_id, length)
+        return self.source.get_chunk(chunk_id, length)
+
     def copy_chunk(self, item: tuple[str, int]) -> None:
         chunk_id, length = item
-        if chunk_id in self.listed if self.listed is not None else self.dest.has_object(chunk_id):
+        if self.present(chunk_id):
             self.count(False, length)
         else:
-            self.put(chunk_id, self.source.get_chunk(chunk_id, length))  # verified, length checked
+            self.put(chunk_id, self.get_chunk(chunk_id, length))
         if self.progress:
             self.progress(length)
+
+    def copy_pack(self, batch: list[tuple[str, int]]) -> None:
+        """Copy the small chunks of ``batch`` the destination lacks, as one pack."""
+        missing = []
+        for chunk_id, length in batch:
+            if self.present(chunk_id):
+                self.count(False, length)
+            else:
+                missing.append((chunk_id, self.get_chunk(chunk_id, length)))
+        put_objects(self.dest, missing)
+        for _chunk_id, data in missing:
+            self.count(True, len(data))
+        if self.progress:
+            self.progress(sum(length for _, length in batch))
 
 
 def _tree_heights(missing: dict[str, list[fmt.Entry]]) -> dict[str, int]:
@@ -227,7 +259,10 @@ def _copy_objects(copier: _Copier, roots: list[str], pool: ThreadPoolExecutor) -
         sum(chunks.values()),
     )
     copier.listed = dest.list_object_ids(len(chunks))
-    for _ in pool.map(copier.copy_chunk, chunks.items()):
+    batches, rest = pack_batches(chunks) if copier.packs else ([], list(chunks))
+    for _ in pool.map(copier.copy_pack, [[(c, chunks[c]) for c in batch] for batch in batches]):
+        pass
+    for _ in pool.map(copier.copy_chunk, [(c, chunks[c]) for c in rest]):
         pass
     for _ in pool.map(lambda item: copier.put(*item), chunklists.items()):
         pass

@@ -193,7 +193,7 @@ def test_kill_9_daemon_mid_fetch_and_write_then_restart_is_consistent(
     dirs = precreate_object_dirs(cache)
     endpoint = ["--endpoint-url", s3_proxy.endpoint_url]
     # Slow bodies: many fetches are in flight when the kill lands.
-    s3_proxy.inject("trickle", method="GET", key="objects/", piece=256 << 10, delay=0.01)
+    s3_proxy.inject("trickle", method="GET", key="objects/|packs/", piece=256 << 10, delay=0.01)
     with mounted(mnt, s3_store_url, cache, *endpoint):
         pid = status(mnt)["pid"]
         root = mnt / snapshot_id
@@ -239,7 +239,7 @@ def test_kill_9_prewarm_mid_write_then_rerun_resumes(s3_store_url: str, s3_proxy
         "--endpoint-url",
         s3_proxy.endpoint_url,
     ]
-    s3_proxy.inject("trickle", method="GET", key="objects/", piece=256 << 10, delay=0.01)
+    s3_proxy.inject("trickle", method="GET", key="objects/|packs/", piece=256 << 10, delay=0.01)
     proc = subprocess.Popen([sys.executable, "-m", "snapfs.cli.main", "prewarm", *args, "-q"])
     try:
         torn = kill_while_writing(proc.pid, dirs)
@@ -568,7 +568,7 @@ def test_32_readers_on_one_cold_large_file_fetch_each_chunk_once(
         probe([("stat", path)])  # trees first: the count below is about chunks
         s3_proxy.reset_counters()
         # Slow bodies keep every fetch in flight long enough for the others to pile onto it.
-        s3_proxy.inject("trickle", method="GET", key="objects/", piece=256 << 10, delay=0.005)
+        s3_proxy.inject("trickle", method="GET", key="objects/|packs/", piece=256 << 10, delay=0.005)
         offsets = [len(data) * i // 32 for i in range(32)]
         readers = [
             subprocess.Popen(

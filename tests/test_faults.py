@@ -285,7 +285,7 @@ def test_mount_transient_fault_right_bytes_or_eio_then_recovers(
 ):
     snapshot_id, _src, digests = dataset
     kind, params = TRANSIENT[fault]
-    proxy.inject(kind, method="GET", key="objects/", **params)
+    proxy.inject(kind, method="GET", key="objects/|packs/", **params)
     root = mount / snapshot_id
     started = time.monotonic()
     results = probe([("list", root), *reads_of(root, digests)], timeout=180)
@@ -337,7 +337,7 @@ def test_mount_persistent_fault_is_eio_within_a_bound(fault: str, mount: Path, p
     # Trees first, without faults: this test is about reading file data.
     probe([("list", root), ("list", root / "small")])
     kind, params = PERSISTENT[fault]
-    proxy.inject(kind, method="GET", key="objects/", **params)
+    proxy.inject(kind, method="GET", key="objects/|packs/", **params)
     # Several chunks (a read spans two), and one; a hang costs seconds, so one file there.
     targets = [b"large.bin"] if kind == "hang" else [b"large.bin", b"small/000.dat"]
     before = status(mount)
@@ -414,7 +414,7 @@ def test_mount_hung_store_fails_fast_after_the_first_eio(mount: Path, proxy: Fau
     # An uncached read that succeeds: the store answers (no outage left from before).
     cached, _ = probe_until_right([("read", root / "medium.bin")], [digests[b"medium.bin"].hex()])
     cached = cached[0]
-    proxy.inject("hang", method="GET", key="objects/", seconds=60)
+    proxy.inject("hang", method="GET", key="objects/|packs/", seconds=60)
     smalls = sorted(rel for rel in digests if rel.startswith(b"small/"))
     assert len(smalls) >= 6, smalls
     before = status(mount)
@@ -478,7 +478,7 @@ def test_pull_under_transient_faults_completes_or_resumes(
 ):
     snapshot_id, _src, digests = dataset
     for kind, params in MIXED:
-        proxy.inject(kind, method="GET", key="objects/", **params)
+        proxy.inject(kind, method="GET", key="objects/|packs/", **params)
     dest = tmp_path / "dest"
     runs = []
     for _ in range(5):

@@ -116,16 +116,31 @@ def test_gc_frees_exactly_the_unreachable_objects(
     # Root, deep/ and deep/er/ trees (shared by both), u1, u2 and the weights chunks.
     assert junk_id in expected_free and len(expected_free) >= 6
 
+    # On S3 the small files (u1, u2) are packed: their pack goes too, and nothing else's.
+    packs_before = {info.key for info in repo.store.list("packs/")}
+    expected_packs = {
+        fmt.pack_key(ref.pack_id)
+        for ref in (fmt.decode_pack_ref(repo.store.get(fmt.object_key(o))) for o in expected_free)
+        if ref is not None
+    }
+    assert bool(expected_packs) == store_url.startswith("s3://")
+
     code, out, _ = run(capsys, "gc", "--dry-run", "--grace", "0", *store, "--json")
     assert code == 0
     dry = json.loads(out)
-    assert {f["id"] for f in dry["freed"]} == expected_free
+    assert {f["id"] for f in dry["freed"] if f["kind"] != "pack"} == expected_free
+    assert {fmt.pack_key(f["id"]) for f in dry["freed"] if f["kind"] == "pack"} == expected_packs
     assert objects(repo) == before  # a dry run deletes nothing
 
     code, out, err = run(capsys, "gc", "--grace", "0", *store)
     assert code == 0, err
-    freed = {line.split()[2] for line in out.splitlines() if line.startswith("freed ")}
+    freed = {
+        line.split()[2]
+        for line in out.splitlines()
+        if line.startswith("freed ") and line.split()[1] != "pack"
+    }
     assert freed == expected_free
+    assert {info.key for info in repo.store.list("packs/")} == packs_before - expected_packs
     assert {line.split()[1] for line in out.splitlines() if line.startswith("freed ")} >= {"tree", "chunk"}
     assert f"removed tag scratch/{junk_id}" in out
     assert f"gc: freed {len(expected_free)} objects" in err

@@ -213,7 +213,7 @@ def test_prewarm_while_the_mount_serves_and_metrics_follow(
         assert metrics["snapfs_cache_bytes"] == before["cache_bytes"] > 0
 
         # Slow every GET down so the prewarm is still running while readers work.
-        proxy.inject("trickle", method="GET", key="objects/", piece=64 << 10, delay=0.02)
+        proxy.inject("trickle", method="GET", key="objects/|packs/", piece=64 << 10, delay=0.02)
         already = cached_ids(cache)
         prewarm = subprocess.Popen(
             [*SNAPFS, "prewarm", snapshot_id, "--store", s3_store_url, "--cache", str(cache), "--json"]
@@ -294,7 +294,7 @@ def test_interrupted_prewarm_fetches_only_what_is_missing(
     # Prewarm fetches the largest objects first, and the trickle slows only
     # objects over one 64 KiB piece (the few large chunks, ~0.2-0.4 s each):
     # interrupt as soon as the first is cached, while the next is in flight.
-    proxy.inject("trickle", method="GET", key="objects/", piece=64 << 10, delay=0.02)
+    proxy.inject("trickle", method="GET", key="objects/|packs/", piece=64 << 10, delay=0.02)
     assert sum(1 for size in expected.values() if size > 64 << 10) >= 2
     first = subprocess.Popen(
         [*SNAPFS, "prewarm", *args, "--jobs", "1"],

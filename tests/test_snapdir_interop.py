@@ -21,6 +21,7 @@ from support.mounts import mounted
 from test_snapdir_compat import SnapdirRunner
 from test_snapdir_compat import make_mixed_tree as make_snapdir_tree
 
+from snapfs import format as fmt
 from snapfs import records, snapdir_repo
 from snapfs import snapdir as sd
 from snapfs.hashing import hash_bytes
@@ -170,6 +171,31 @@ def test_import_then_pull_round_trips_and_records_the_snapdir_id(snapdir_store, 
     assert again["id"] == snapshot_id and again["uploaded_objects"] == 0
     assert again["record"] == out["record"]
     assert len(records.records_for_snapshot(repo, snapshot_id)) == 1
+
+
+@pytest.mark.s3
+def test_import_into_s3_packs_the_small_files(
+    snapdir_runner: SnapdirRunner, s3_store_url: str, tmp_path: Path
+) -> None:
+    tree = make_snapdir_tree(tmp_path / "tree", tmp_path / "outside")
+    (tree / "images").mkdir()
+    for i in range(12):
+        (tree / "images" / f"{i:02d}.jpg").write_bytes(os.urandom(3000 + i))
+    inner = "file://" + str(tmp_path / "snapdir-store")
+    [pushed] = snapdir_runner.run(["push", str(tree), inner])
+    assert "error" not in pushed, pushed
+    out = json.loads(
+        cli("import", pushed["id"], "--from", "snapdir+" + inner, "--store", s3_store_url, "--json").stdout
+    )
+    repo = Repo.open(s3_store_url)
+    packs = list(repo.store.list("packs/"))
+    assert packs, "an import into S3 packs its small files, as a push does"
+    image = repo.lookup_path(out["id"], "images/05.jpg")
+    assert fmt.decode_pack_ref(repo.store.get(fmt.object_key(image.chunks[0][0]))) is not None
+    dest = tmp_path / "pulled"
+    cli("pull", out["id"], dest, "--store", s3_store_url)
+    assert_same_tree(tree, dest)
+    assert cli("fsck", "--store", s3_store_url).returncode == 0
 
 
 def _corrupt_object(store: Path, checksum: str) -> None:

@@ -49,6 +49,14 @@ def register(subparsers, common) -> None:
     p.add_argument(
         "-j", "--jobs", type=int, default=None, help="concurrent uploads (default 32 for S3, 8 local)"
     )
+    p.add_argument(
+        "--no-pack",
+        dest="pack",
+        action="store_false",
+        default=None,
+        help="store every small file as an object of its own (on S3 they are packed by default, "
+        "~4 MiB a pack, so a cold read of many small files costs a GET per pack, not per file)",
+    )
     p.set_defaults(push_extra=None, push_precheck=None)
 
     p = add_command(
@@ -164,7 +172,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     if args.push_precheck:
         args.push_precheck(args, repo, scanned.root_id)
     with progress_bar(args, scanned.total_bytes, "uploading") as advance:
-        result = snapshot.upload(repo, scanned, jobs=args.jobs, progress=advance)
+        result = snapshot.upload(repo, scanned, jobs=args.jobs, progress=advance, pack=args.pack)
     elapsed = time.monotonic() - started
     extra = args.push_extra(args, repo, result) if args.push_extra else {}
     if args.json:
@@ -174,8 +182,9 @@ def cmd_push(args: argparse.Namespace) -> int:
     if not args.quiet and not args.json:
         stderr(
             f"pushed {result.files} files, {human_bytes(result.total_bytes)} in {elapsed:.1f}s: "
-            f"uploaded {human_bytes(result.uploaded_bytes)} in {result.uploaded_objects} objects, "
-            f"{human_bytes(result.present_bytes)} already present"
+            f"uploaded {human_bytes(result.uploaded_bytes)} in {result.uploaded_objects} objects"
+            + (f" ({result.packs} packs)" if result.packs else "")
+            + f", {human_bytes(result.present_bytes)} already present"
         )
     return 0
 

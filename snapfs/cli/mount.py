@@ -142,6 +142,8 @@ def _fetched(status: dict) -> str:
     text = f"{human_bytes(status['fetched_bytes'])} in {status['fetched_objects']} objects"
     if status.get("small_fetch_ms"):  # absent from daemons before it
         text += f"; small objects take {status['small_fetch_ms']:.1f} ms"
+    if status.get("pack_fetches"):  # absent from daemons before packs
+        text += f"; {status['pack_fetches']} packs brought {status['pack_siblings']} more objects"
     return text
 
 

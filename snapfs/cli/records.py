@@ -533,10 +533,17 @@ def cmd_gc(args: argparse.Namespace) -> int:
         print(f"{'would remove' if args.dry_run else 'removed'} tag {tag} (its snapshot is gone)")
     if not args.quiet:
         stderr(
-            f"gc: {verb} {len(report.freed)} objects, {human_bytes(report.freed_bytes)} "
-            f"({counts['tree']} trees, {counts['chunklist']} chunk lists, {counts['chunk']} chunks); "
-            f"kept {report.reachable_objects} reachable objects ({human_bytes(report.reachable_bytes)}) "
+            f"gc: {verb} {len(report.freed) - counts.get('pack', 0)} objects"
+            + (f" and {counts['pack']} packs" if counts.get("pack") else "")
+            + f", {human_bytes(report.freed_bytes)} "
+            f"({counts['tree']} trees, {counts['chunklist']} chunk lists, {counts['chunk']} chunks); kept {report.reachable_objects} reachable objects ({human_bytes(report.reachable_bytes)}) "
             f"of {report.roots} snapshots and {report.young_objects} unreachable objects younger than "
             f"the grace period ({human_bytes(report.young_bytes)})"
+            + (
+                f", and {report.packs_kept} packs ({human_bytes(report.pack_bytes_kept)}, "
+                f"{human_bytes(report.pack_dead_bytes)} of it unreachable members)"
+                if report.packs_kept
+                else ""
+            )
         )
     return 0

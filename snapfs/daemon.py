@@ -36,7 +36,7 @@ import trio
 
 from .cache import DiskCache, ObjectSource
 from .errors import CacheIndexError, MountError, NotFoundError, SnapfsError, UsageError
-from .linux import FUSECTL, ensure_fusectl
+from .linux import FUSECTL, ensure_fusectl, limit_malloc_arenas
 from .paths import control_sockets
 from .repo import Repo
 from .store import LocalStore
@@ -186,6 +186,8 @@ def set_readahead(mountpoint: str, nbytes: int) -> None:
 # 1 GiB, 4 readers, page cache dropped, two runs each interleaved: 680-820 MB/s
 # at 12, 787-928 at 64, 853-969 at 256.
 MAX_BACKGROUND = 64
+#: glibc malloc arenas for the daemon (linux.limit_malloc_arenas).
+MALLOC_ARENAS = 2
 
 
 def set_max_background(mountpoint: str, requests: int) -> None:
@@ -439,6 +441,7 @@ def _serve(config: MountConfig, mountpoint: str, ready_fd: int | None) -> int:
             ready_fd = None
 
     daemon = None
+    limit_malloc_arenas(MALLOC_ARENAS)  # before any worker thread starts
     try:
         daemon = Daemon(config, mountpoint)
 

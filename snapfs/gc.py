@@ -302,27 +302,11 @@ def collect(
             kinds[object_id] = kind
             if kind == "tree":
                 trees[object_id] = children
-        order = _tree_layers(trees)
-        order.append(sorted(o for o, k in kinds.items() if k in ("chunk", "chunklist")))
-        report_lock = threading.Lock()
-
-        def delete(object_id: str) -> None:
-            if not dry_run:
-                repo.store.delete(fmt.object_key(object_id))
-            freed = Freed(kinds[object_id], object_id, candidates[object_id])
-            with report_lock:
-                report.freed.append(freed)
-            if on_freed:
-                on_freed(freed)
-
-        for layer in order:
-            for start in range(0, len(layer), _BATCH):
-                if held is not None:
-                    held.check()
-                for _ in pool.map(delete, layer[start : start + _BATCH]):
-                    pass
-
-        # 6. Packs, after every reference to them is gone.
+        order = [[Freed("tree", t, candidates[t]) for t in layer] for layer in _tree_layers(trees)]
+        order.append(
+            [Freed(kinds[o], o, candidates[o]) for o in sorted(kinds) if kinds[o] in ("chunk", "chunklist")]
+        )
+        # 6. Packs, in a last layer: after every reference to them is gone.
         old_packs: dict[str, int] = {}
         for pack_id, size, mtime in _packs(repo):
             if now - mtime < grace:
@@ -334,30 +318,31 @@ def collect(
         for pack_id, members in zip(
             old_packs, pool.map(lambda p: _pack_members(repo, p), list(old_packs)), strict=True
         ):
-            live = None if members is None else [m for m in members if m[0] in keep or m[0] in young]
-            if live is None or live:
+            dead = [m for m in members or () if m[0] not in keep and m[0] not in young]
+            if members is not None and len(dead) == len(members):
+                dead_packs.append(Freed("pack", pack_id, old_packs[pack_id]))
+            else:  # some member is live, or the table cannot be read
                 report.packs_kept += 1
                 report.pack_bytes_kept += old_packs[pack_id]
-                if members:
-                    live_ids = {m[0] for m in live or ()}
-                    report.pack_dead_bytes += sum(m[2] for m in members if m[0] not in live_ids)
-            else:
-                dead_packs.append(pack_id)
+                report.pack_dead_bytes += sum(length for _id, _offset, length in dead)
+        order.append(dead_packs)
+        report_lock = threading.Lock()
 
-        def delete_pack(pack_id: str) -> None:
+        def delete(freed: Freed) -> None:
             if not dry_run:
-                repo.store.delete(fmt.pack_key(pack_id))
-            freed = Freed("pack", pack_id, old_packs[pack_id])
+                key_of = fmt.pack_key if freed.kind == "pack" else fmt.object_key
+                repo.store.delete(key_of(freed.object_id))
             with report_lock:
                 report.freed.append(freed)
             if on_freed:
                 on_freed(freed)
 
-        for start in range(0, len(dead_packs), _BATCH):
-            if held is not None:
-                held.check()
-            for _ in pool.map(delete_pack, dead_packs[start : start + _BATCH]):
-                pass
+        for layer in order:
+            for start in range(0, len(layer), _BATCH):
+                if held is not None:
+                    held.check()
+                for _ in pool.map(delete, layer[start : start + _BATCH]):
+                    pass
 
         gone = {f.object_id for f in report.freed}
         for tag, snapshot_id in records.tag_keys(repo):

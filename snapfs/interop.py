@@ -37,7 +37,7 @@ from .errors import IntegrityError, SnapfsError
 from .format import ChunkRef, Entry
 from .hashing import hash_bytes
 from .locks import PushLock
-from .packs import PACK_MIN, pack_batches, put_objects
+from .packs import PACK_MIN, plan_packs, put_objects
 from .paths import user_cache_dir
 from .repo import Repo
 from .snapdir_repo import SnapdirRepo, SnapdirSnapshot, fetch_object_to_fd, hash_fd
@@ -214,17 +214,13 @@ class _Importer:
         else:
             self._count(self.dest.put_object(bytes(data), chunk_id), len(data))
 
-    def is_present(self, item: tuple[str, int]) -> bool:
-        """Whether the destination has a small object (one chunk, the whole file); counted if so."""
-        checksum, size = item
-        if not self.dest.has_object(checksum):
-            return False
+    def skip(self, _checksum: str, size: int) -> None:
+        """A small object the destination has: counted, not uploaded."""
         self._count(False, size)
         if self.progress:
             self.progress(size)
-        return True
 
-    def pack_objects(self, batch: list[tuple[str, int]]) -> list[tuple[str, list[ChunkRef]]]:
+    def pack_objects(self, batch: list[tuple[str, int]]) -> None:
         """Small objects the destination lacks, as one pack."""
         objects = [(checksum, self.source.get_chunk(checksum, size)) for checksum, size in batch]
         with self.lock:
@@ -235,7 +231,6 @@ class _Importer:
             self._count(True, len(data))
         if self.progress:
             self.progress(sum(size for _, size in batch))
-        return [(checksum, [(checksum, size)]) for checksum, size in batch]
 
     def chunk_object(self, item: tuple[str, int]) -> tuple[str, list[ChunkRef]]:
         """Fetch one object, verify it, chunk it and upload the missing chunks."""
@@ -310,15 +305,11 @@ def import_snapshot(
                     # In manifest order, so that a directory's small files share packs.
                     order = dict.fromkeys(e.checksum for e in snapshot.entries if e.kind == sd.KIND_FILE)
                     small = {c: snapshot.sizes[c] for c in order if PACK_MIN <= snapshot.sizes[c] <= MIN_SIZE}
-                    # Only the ones the destination lacks go into packs.
-                    there = list(pool.map(importer.is_present, small.items()))
-                    lacking = {c: size for (c, size), p in zip(small.items(), there, strict=True) if not p}
-                    refs.update((c, [(c, size)]) for c, size in small.items() if c not in lacking)
-                    batches, _ = pack_batches(lacking)
-                    for pairs in pool.map(
-                        importer.pack_objects, [[(c, small[c]) for c in b] for b in batches]
-                    ):
-                        refs.update(pairs)
+                    # One chunk each, the whole file, present or not; only the missing are packed.
+                    refs.update((c, [(c, size)]) for c, size in small.items())
+                    batches, _ = plan_packs(small, dest.has_object, pool, importer.skip)
+                    for _ in pool.map(importer.pack_objects, [[(c, small[c]) for c in b] for b in batches]):
+                        pass
                     rest = [(c, size) for c, size in objects if c not in small]
                 refs.update(pool.map(importer.chunk_object, rest))
                 root_id = _upload_trees(dest, snapshot, refs, importer, pool)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Executor
 
 from . import format as fmt
 from .errors import IntegrityError
@@ -66,6 +68,23 @@ def pack_batches(lengths: dict[str, int]) -> tuple[list[list[str]], list[str]]:
     if batch:
         batches.append(batch)
     return batches, rest
+
+
+def plan_packs(
+    lengths: dict[str, int],
+    present: Callable[[str], bool],
+    pool: Executor,
+    on_present: Callable[[str, int], None],
+) -> tuple[list[list[str]], list[str]]:
+    """pack_batches of the objects to upload (ID -> length, in upload order),
+    after asking ``present`` (in ``pool``) which small ones the store has
+    already: those are handed to ``on_present(ID, length)`` and left out. The
+    rest (big ones) are returned unasked, for the caller's own check."""
+    small = [object_id for object_id, length in lengths.items() if packable(length)]
+    there = {object_id for object_id, yes in zip(small, pool.map(present, small), strict=True) if yes}
+    for object_id in there:
+        on_present(object_id, lengths[object_id])
+    return pack_batches({object_id: n for object_id, n in lengths.items() if object_id not in there})
 
 
 def put_objects(repo: Repo, objects: list[tuple[str, bytes]]) -> bool:

@@ -29,7 +29,7 @@ from .format import ChunkRef, Entry
 from .hashing import hash_bytes, is_object_id
 from .links import LinkResolution
 from .locks import PushLock
-from .packs import PackFetcher, pack_batches, packable, put_objects
+from .packs import PackFetcher, plan_packs, put_objects
 from .paths import pull_state_dir
 from .repo import Repo, content_id, get_bounded
 from .scan import ScanResult, scan
@@ -174,15 +174,14 @@ def _upload_objects(
 
         packed: list[list[tuple[str, tuple[bytes, int, int]]]] = []
         if pack if pack is not None else repo.packs_small_objects:
-            # Small chunks the store lacks, found first: only those are packed.
-            small = [chunk_id for chunk_id, task in chunk_tasks.items() if packable(task[2])]
-            for chunk_id, is_present in zip(small, pool.map(present, small), strict=True):
-                if is_present:
-                    length = chunk_tasks.pop(chunk_id)[2]
-                    counter.add(False, length)
-                    if progress:
-                        progress(length)
-            batches, rest = pack_batches({chunk_id: task[2] for chunk_id, task in chunk_tasks.items()})
+
+            def skip(_chunk_id: str, length: int) -> None:
+                counter.add(False, length)
+                if progress:
+                    progress(length)
+
+            lengths = {chunk_id: task[2] for chunk_id, task in chunk_tasks.items()}
+            batches, rest = plan_packs(lengths, present, pool, skip)
             packed = [[(chunk_id, chunk_tasks[chunk_id]) for chunk_id in batch] for batch in batches]
             chunk_tasks = {chunk_id: chunk_tasks[chunk_id] for chunk_id in rest}
 

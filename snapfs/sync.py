@@ -43,7 +43,7 @@ from . import records
 from .errors import AlreadyExistsError, IntegrityError, NotFoundError, SnapfsError, UsageError
 from .hashing import hash_bytes
 from .locks import PushLock
-from .packs import PackFetcher, pack_batches, packable, put_objects
+from .packs import PackFetcher, plan_packs, put_objects
 from .repo import Repo
 
 log = logging.getLogger(__name__)
@@ -175,17 +175,11 @@ class _Copier:
         if self.progress:
             self.progress(sum(length for _, length in batch))
 
-    def skip_present(self, chunks: dict[str, int], pool: ThreadPoolExecutor) -> dict[str, int]:
-        """``chunks`` without the small ones the destination has (counted as present)."""
-        small = [chunk_id for chunk_id, length in chunks.items() if packable(length)]
-        gone = set()
-        for chunk_id, is_present in zip(small, pool.map(self.present, small), strict=True):
-            if is_present:
-                gone.add(chunk_id)
-                self.count(False, chunks[chunk_id])
-                if self.progress:
-                    self.progress(chunks[chunk_id])
-        return {chunk_id: length for chunk_id, length in chunks.items() if chunk_id not in gone}
+    def skip(self, _chunk_id: str, length: int) -> None:
+        """A chunk the destination has: counted, not copied."""
+        self.count(False, length)
+        if self.progress:
+            self.progress(length)
 
 
 def _tree_heights(missing: dict[str, list[fmt.Entry]]) -> dict[str, int]:
@@ -266,7 +260,9 @@ def _copy_objects(copier: _Copier, roots: list[str], pool: ThreadPoolExecutor) -
         sum(chunks.values()),
     )
     copier.listed = dest.list_object_ids(len(chunks))
-    batches, rest = pack_batches(copier.skip_present(chunks, pool)) if copier.packs else ([], list(chunks))
+    batches, rest = (
+        plan_packs(chunks, copier.present, pool, copier.skip) if copier.packs else ([], list(chunks))
+    )
     for _ in pool.map(copier.copy_pack, [[(c, chunks[c]) for c in batch] for batch in batches]):
         pass
     for _ in pool.map(copier.copy_chunk, [(c, chunks[c]) for c in rest]):

@@ -536,7 +536,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
             f"gc: {verb} {len(report.freed) - counts.get('pack', 0)} objects"
             + (f" and {counts['pack']} packs" if counts.get("pack") else "")
             + f", {human_bytes(report.freed_bytes)} "
-            f"({counts['tree']} trees, {counts['chunklist']} chunk lists, {counts['chunk']} chunks); kept {report.reachable_objects} reachable objects ({human_bytes(report.reachable_bytes)}) "
+            f"({counts['tree']} trees, {counts['chunklist']} chunk lists, {counts['chunk']} chunks); "
+            f"kept {report.reachable_objects} reachable objects ({human_bytes(report.reachable_bytes)}) "
             f"of {report.roots} snapshots and {report.young_objects} unreachable objects younger than "
             f"the grace period ({human_bytes(report.young_bytes)})"
             + (
